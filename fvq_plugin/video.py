@@ -1,11 +1,57 @@
-"""Reading frames from face videos, and writing test/demo videos."""
+"""Reading frames from face videos, and writing test/demo videos.
+
+Frames are addressed by their index in presentation order (decord's convention); the PyAV
+reader maps decoded frames to indices through the demuxed timestamps so both backends agree.
+decord 0.6.0 returns wrong frames from open-GOP H.264, AVI with B-frames and MPEG-TS files, and
+silently reads only the intact part of a truncated mp4 whose index comes first; PyAV reads those
+correctly or raises, and is no slower, so backend="auto" tries PyAV first and decord second.
+"""
 from __future__ import annotations
 
+import bisect
 import os
-from typing import Iterable
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 
 import av
+import cv2
 import numpy as np
+from PIL import Image
+
+BACKENDS = ("pyav", "decord")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class VideoReadError(RuntimeError):
+    """A video (or image) could not be read; `reason` says why."""
+
+    def __init__(self, path, reason):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self):
+        # The default pickling replays args=(message,) and would fail in DataLoader workers.
+        return type(self), (self.path, self.reason)
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    path: str
+    fps: float
+    n_frames: int
+    duration: float
+    width: int
+    height: int
+    backend: str
+
+
+@dataclass
+class Clip:
+    frames: np.ndarray   # uint8 [T, H, W, 3], RGB
+    indices: np.ndarray  # int64 [T], source frame indices
+    info: VideoInfo
+    repeated: bool       # the video has fewer frames than requested
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float = 24.0,
@@ -36,3 +82,212 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+
+
+def uniform_indices(n_total: int, n: int) -> np.ndarray:
+    """Centres of `n` equal segments of `n_total` frames; repeats frames when n_total < n."""
+    if n_total < 1 or n < 1:
+        raise ValueError(f"need n_total >= 1 and n >= 1, got n_total={n_total}, n={n}")
+    i = np.arange(n, dtype=np.int64)
+    # floor((i + 0.5) * n_total / n) in integers, so no float rounding can shift an index
+    return (2 * i + 1) * n_total // (2 * n)
+
+
+def probe(path: str | os.PathLike, backend: str = "auto") -> VideoInfo:
+    """Metadata only: PyAV decodes nothing, decord decodes frame 0 to learn the size."""
+    return _read(path, backend, None)[0]
+
+
+def sample_frames(path: str | os.PathLike, n: int = 8, backend: str = "auto") -> Clip:
+    """`n` frames at `uniform_indices`; only those frames are decoded."""
+    info, indices, unique, frames = _read(path, backend, n)
+    return Clip(frames[np.searchsorted(unique, indices)], indices, info, repeated=info.n_frames < n)
+
+
+def dense_clip(path: str | os.PathLike, n: int = 32, short_side: int = 224, backend: str = "auto") -> Clip:
+    """`n` frames spread over the whole video, shrunk so the short side is <= `short_side`."""
+    if short_side < 1:
+        raise ValueError(f"short_side must be >= 1, got {short_side}")
+    info, indices, unique, frames = _read(path, backend, n)
+    height, width = frames.shape[1:3]
+    scale = short_side / min(height, width)
+    if scale < 1:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        # Resizing here rather than in decord keeps both backends' pixels identical.
+        frames = np.stack([cv2.resize(frame, size, interpolation=cv2.INTER_AREA) for frame in frames])
+    return Clip(frames[np.searchsorted(unique, indices)], indices, info, repeated=info.n_frames < n)
+
+
+def _read(path, backend, n):
+    """(info, indices, unique sorted indices, their frames); with n=None only info is read."""
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; valid: {', '.join(('auto',) + BACKENDS)}")
+    if n is not None:
+        uniform_indices(1, n)  # reject a bad n before touching the file
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise VideoReadError(path, "no such file")
+    if os.path.isdir(path):
+        raise VideoReadError(path, "is a directory, not a video file")
+    # Anything but a regular file (a FIFO, a device) could block a decoder forever.
+    if not os.path.isfile(path):
+        raise VideoReadError(path, "not a regular file")
+    if os.path.getsize(path) == 0:
+        raise VideoReadError(path, "empty file")
+
+    if path.lower().endswith(IMAGE_EXTENSIONS):
+        info, unique, frames = _guarded(path, "image", _read_image, n)
+    elif backend == "auto":
+        try:
+            info, unique, frames = _guarded(path, "pyav", _read_pyav, n)
+        except VideoReadError as pyav_error:
+            try:
+                info, unique, frames = _guarded(path, "decord", _read_decord, n)
+            except VideoReadError as decord_error:
+                raise VideoReadError(path, f"{pyav_error.reason}; {decord_error.reason}") from decord_error
+    else:
+        reader = _read_decord if backend == "decord" else _read_pyav
+        info, unique, frames = _guarded(path, backend, reader, n)
+    indices = None if n is None else uniform_indices(info.n_frames, n)
+    return info, indices, unique, frames
+
+
+def _guarded(path, name, reader, n):
+    """Run one backend, turning whatever it raises into a VideoReadError naming the cause."""
+    try:
+        return reader(path, n)
+    except VideoReadError as error:
+        raise VideoReadError(path, f"{name}: {error.reason}") from error
+    except Exception as error:
+        # decord's messages carry a C++ stack trace after the first line
+        message = (str(error).strip().splitlines() or [""])[0]
+        raise VideoReadError(path, f"{name}: {type(error).__name__}: {message}") from error
+
+
+def _duration(n_frames, fps):
+    return n_frames / fps if fps > 0 else 0.0
+
+
+def _read_image(path, n):
+    with Image.open(path) as image:
+        frame = np.asarray(image.convert("RGB"))
+    height, width = frame.shape[:2]
+    return VideoInfo(path, 0.0, 1, 0.0, width, height, "image"), np.zeros(1, np.int64), frame[None]
+
+
+def _read_decord(path, n):
+    import decord  # imported lazily: loading it is slow and PyAV-only users do not need it
+
+    reader = decord.VideoReader(path, ctx=decord.cpu(0))
+    n_frames = len(reader)
+    if n_frames < 1:
+        raise VideoReadError(path, "no video frames")
+    fps = float(reader.get_avg_fps())
+    if n is None:
+        unique, frames = None, None
+        height, width = reader[0].shape[:2]  # decord exposes the size only through a frame
+    else:
+        unique = np.unique(uniform_indices(n_frames, n))
+        frames = reader.get_batch(unique.tolist()).asnumpy()
+        height, width = frames.shape[1:3]
+    return VideoInfo(path, fps, n_frames, _duration(n_frames, fps), width, height, "decord"), unique, frames
+
+
+def _read_pyav(path, n):
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise VideoReadError(path, "no video stream")
+        stream = container.streams.video[0]
+        fps = float(stream.average_rate or stream.guessed_rate or 0)
+        info = VideoInfo(path, fps, 0, 0.0, stream.codec_context.width, stream.codec_context.height, "pyav")
+        declared = _plausible_frame_count(container, stream, fps)
+        if declared and n is None:
+            return replace(info, n_frames=declared, duration=_duration(declared, fps)), None, None
+        # Timestamps of every frame, found by demuxing only (cheap: nothing is decoded).
+        packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size]
+    n_frames = declared or len(packets)
+    if n_frames < 1:
+        raise VideoReadError(path, "no video frames")
+    info = replace(info, n_frames=n_frames, duration=_duration(n_frames, fps))
+    if n is None:
+        return info, None, None
+    unique = np.unique(uniform_indices(n_frames, n))
+    return info, unique, _decode_pyav(path, packets, unique, n_frames)
+
+
+def _plausible_frame_count(container, stream, fps):
+    """The container's frame count, or 0 when it is missing or disagrees with the duration."""
+    frames = stream.frames
+    if stream.duration is not None and stream.time_base:
+        seconds = float(stream.duration * stream.time_base)
+    elif container.duration is not None:
+        seconds = container.duration / av.time_base
+    else:
+        return frames
+    if frames > 0 and fps > 0 and abs(frames - seconds * fps) > max(2.0, 0.05 * frames):
+        return 0
+    return frames
+
+
+class _SeekMissed(Exception):
+    """A seek landed somewhere other than the keyframe it aimed at."""
+
+
+def _decode_pyav(path, packets, targets, n_frames):
+    """Decode the frames at sorted unique `targets`, seeking past long runs of unwanted frames.
+
+    When the timestamps show B-frame reordering they are true presentation times, and a decoded
+    frame's index is the rank of its pts; this also holds for open-GOP streams, whose leading
+    frames decode after their keyframe. Timestamps in decode order are either the presentation
+    order (no B-frames) or fake (AVI stores decode times), so frames are then counted from the
+    keyframe the decoder restarted at.
+    """
+    if len(packets) <= targets[-1]:
+        raise VideoReadError(path, f"frame {targets[-1]} is unreadable: only {len(packets)} of "
+                                   f"{n_frames} frames are in the file (truncated?)")
+    timestamps = [pts for pts, _ in packets]
+    if None in timestamps or len(set(timestamps)) < len(timestamps):
+        # Without usable timestamps frames can only be counted from the start.
+        return _decode_pyav_frames(path, targets, None, False, [0])
+    order = sorted(timestamps)
+    rank = {pts: i for i, pts in enumerate(order)}
+    keyframes = sorted(rank[pts] for pts, key in packets if key)
+    try:
+        return _decode_pyav_frames(path, targets, order, timestamps != order, keyframes)
+    except _SeekMissed:
+        # Some containers (MPEG-TS) seek imprecisely; decoding from the start is always right.
+        return _decode_pyav_frames(path, targets, order, timestamps != order, [0])
+
+
+def _decode_pyav_frames(path, targets, order, by_pts, keyframes):
+    rank = {pts: i for i, pts in enumerate(order or ())}
+    out = []
+    with av.open(path) as container:
+        # PyAV's default threading; frame threading would refill its pipeline after every seek.
+        stream = container.streams.video[0]
+        decoded = enumerate(container.decode(stream))
+        position, landing = -1, None
+        for target in targets:
+            i = bisect.bisect_right(keyframes, target)
+            keyframe = keyframes[i - 1] if i else 0
+            if keyframe > position + 1:
+                container.seek(order[keyframe], backward=True, any_frame=False, stream=stream)
+                decoded = enumerate(container.decode(stream), start=keyframe)
+                landing = keyframe
+            for count, frame in decoded:
+                position = rank.get(frame.pts) if by_pts else count
+                if position is None:
+                    raise VideoReadError(path, f"decoded a frame with unknown timestamp {frame.pts}")
+                if landing is not None:
+                    # Landing early is harmless when frames are known by pts, but not when counted.
+                    landed = rank.get(frame.pts, -1)
+                    if landed > landing or (not by_pts and landed != landing):
+                        raise _SeekMissed
+                    landing = None
+                if position >= target:
+                    break
+            if position != target:
+                raise VideoReadError(path, f"frame {target} could not be decoded "
+                                           f"(reached frame {position}; truncated or corrupt?)")
+            out.append(frame.to_ndarray(format="rgb24"))
+    return np.stack(out)
