@@ -59,7 +59,8 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
     """Encode RGB uint8 frames [H,W,3] as H.264 (yuv420p) into an mp4 file.
 
     `bit_rate` (bits/s) or `crf` control quality; neither gives x264's default (crf 23).
-    x264 runs single-threaded so the same frames always give the same bytes.
+    The same frames always give the same bytes: x264 runs single-threaded and without its
+    macroblock-tree look-ahead, which reads uninitialised memory and made outputs differ.
     """
     frames = iter(frames)
     first = next(frames, None)
@@ -71,7 +72,7 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
     with av.open(os.fspath(path), "w") as container:
         stream = container.add_stream("libx264", rate=round(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        options = {"threads": "1"}
+        options = {"threads": "1", "x264-params": "no-mbtree=1"}
         if crf is not None:
             options["crf"] = str(crf)
         if bit_rate is not None:

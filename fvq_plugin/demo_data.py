@@ -1,0 +1,444 @@
+"""A synthetic face-video quality dataset in the FVQ-20K layout, for demos and tests.
+
+Every video is a smooth random pan/zoom over a still image that ships inside an installed
+package (insightface, scikit-image), degraded by up to seven degradations, each with a
+severity s_k in [0, 1] (0 = off):
+
+    blur         gaussian blur, sigma up to 3.5 px
+    noise        additive gaussian noise, std up to 40 grey levels
+    compression  H.264 at a bit rate from 400 kbit/s (s -> 0) down to 15 kbit/s (s = 1); crf 18 when off
+    scaling      downscale by a factor up to 6, then back up
+    exposure     gain and gamma, over- or under-exposed
+    stutter      frame drops: up to 80% of frames repeat the previous one
+    shake        camera shake: crop jitter with a std of up to 6% of the crop height
+
+The label is a monotone decreasing function of the weighted total severity plus rater noise:
+
+    S   = sum_k w_k * s_k        (weights in SEVERITY_WEIGHTS)
+    MOS = clip(95 - 85 * S / S_max + N(0, 2), 0, 100),   S_max = 3
+
+S is drawn uniformly from [0, S_max] per video and split over 1-4 (more when they cannot carry
+it) random degradations, so MOS spans about 10..95, nearly pristine videos included.
+
+Layout: out_dir/{train,val,test}/labels.txt ("name,mos" lines) and out_dir/{split}/videos/<name>,
+split 80/5/15, plus out_dir/meta.json describing every video. The test split also holds a
+corner-case subset: face-free videos, several faces, portrait orientation, and very short clips.
+The same seed gives the same files byte for byte.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from fvq_plugin.data import SPLITS
+from fvq_plugin.video import write_video
+
+BUILDER_VERSION = 1
+SPLIT_FRACTIONS = {"train": 0.80, "val": 0.05, "test": 0.15}
+DEFAULT_FRAMES = 48
+DEFAULT_SIZE = 160
+FPS = 24.0
+
+CORNER_CASES = ("no_face", "multi_face", "portrait", "short")
+SHORT_FRAMES = 5
+PORTRAIT_ASPECT = (0.8, 1.4)  # width, height as multiples of `size`: 128x224 for size 160
+
+SEVERITY_WEIGHTS = {"blur": 1.0, "noise": 0.9, "compression": 1.0, "scaling": 0.9,
+                    "exposure": 0.8, "stutter": 0.6, "shake": 0.7}
+DEGRADATIONS = tuple(SEVERITY_WEIGHTS)
+S_MAX = 3.0
+MOS_BEST, MOS_SPAN, MOS_NOISE_STD = 95.0, 85.0, 2.0
+MOS_FORMULA = (f"MOS = clip({MOS_BEST:g} - {MOS_SPAN:g} * S / S_max + N(0, {MOS_NOISE_STD:g}), 0, 100); "
+               f"S = sum_k w_k * s_k over degradations k with severity s_k in [0, 1]; S_max = {S_MAX:g}")
+
+MAX_DEGRADATIONS_DRAWN = 4
+BLUR_MAX_SIGMA = 3.5
+NOISE_MAX_STD = 40.0
+BITRATE_BEST, BITRATE_WORST, PRISTINE_CRF = 400e3, 15e3, 18
+SCALING_MAX_FACTOR = 6.0
+EXPOSURE_MAX_GAIN_STOPS, EXPOSURE_MAX_GAMMA_STOPS = 1.6, 0.8
+STUTTER_MAX_REPEAT = 0.8
+SHAKE_MAX_FRACTION = 0.06
+
+# Independent random streams per video, so a video never depends on the others or their order.
+PLAN_STREAM, RENDER_STREAM = 0, 1
+
+
+@dataclass(frozen=True)
+class Source:
+    package: str
+    relative_path: str
+    # Region every crop must contain (x0, y0, x1, y1 as image fractions): the face(s), or the centre.
+    focus: tuple[float, float, float, float]
+    # Crops are at most this many focus heights tall, so a face stays prominent.
+    max_zoom_out: float = math.inf
+
+    @property
+    def label(self) -> str:
+        return f"{self.package}:{self.relative_path}"
+
+
+# insightface's mask_*.jpg images are face-mask textures without a face, so they are not used.
+SOURCES = {
+    "astronaut": Source("skimage", "data/astronaut.png", (0.32, 0.08, 0.56, 0.37), 3.5),
+    "camera": Source("skimage", "data/camera.png", (0.30, 0.13, 0.52, 0.40), 3.5),
+    "tom_hanks": Source("insightface", "data/images/Tom_Hanks_54745.png", (0.15, 0.15, 0.85, 0.95)),
+    "friends": Source("insightface", "data/images/t1.jpg", (0.24, 0.17, 0.67, 0.47)),
+    "coffee": Source("skimage", "data/coffee.png", (0.35, 0.35, 0.65, 0.65)),
+    "chelsea": Source("skimage", "data/chelsea.png", (0.35, 0.35, 0.65, 0.65)),
+    "rocket": Source("skimage", "data/rocket.jpg", (0.35, 0.35, 0.65, 0.65)),
+}
+SINGLE_FACE_SOURCES = ("astronaut", "camera", "tom_hanks")
+SOURCES_BY_CORNER_CASE = {
+    None: SINGLE_FACE_SOURCES,
+    "no_face": ("coffee", "chelsea", "rocket"),
+    "multi_face": ("friends",),
+    # Tom Hanks' face fills his square image, so no portrait crop can hold it.
+    "portrait": ("astronaut", "camera"),
+    "short": SINGLE_FACE_SOURCES,
+}
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    index: int
+    split: str
+    corner_case: str | None
+    source: str
+    frames: int
+    width: int
+    height: int
+    severities: dict[str, float]
+    overexposed: bool
+    mos_noise: float
+
+    @property
+    def name(self) -> str:
+        return f"demo_{self.index:05d}.mp4"
+
+    @property
+    def total_severity(self) -> float:
+        # Rounded so the value meta.json stores reproduces the MOS exactly.
+        return round(total_severity(self.severities), 6)
+
+    @property
+    def mos(self) -> float:
+        return mos_from_severity(self.total_severity, self.mos_noise)
+
+
+def total_severity(severities: dict[str, float]) -> float:
+    return sum(SEVERITY_WEIGHTS[name] * severity for name, severity in severities.items())
+
+
+def mos_from_severity(total: float, noise: float = 0.0) -> float:
+    """The MOS formula (see the module docstring), rounded to the 2 decimals labels.txt holds."""
+    return round(float(np.clip(MOS_BEST - MOS_SPAN * total / S_MAX + noise, 0.0, 100.0)), 2)
+
+
+def split_sizes(n_videos: int) -> dict[str, int]:
+    """Videos per split: 80/5/15 of n_videos, rounded half up, every split non-empty."""
+    if n_videos < len(SPLITS):
+        raise ValueError(f"need at least {len(SPLITS)} videos to fill {SPLITS}, got {n_videos}")
+    val = max(1, math.floor(n_videos * SPLIT_FRACTIONS["val"] + 0.5))
+    test = max(1, math.floor(n_videos * SPLIT_FRACTIONS["test"] + 0.5))
+    return {"train": n_videos - val - test, "val": val, "test": test}
+
+
+def source_path(source: Source) -> Path:
+    # find_spec gives the package's __file__ without importing it (insightface takes ~1 s to import).
+    spec = importlib.util.find_spec(source.package)
+    if spec is None or spec.origin is None:
+        raise FileNotFoundError(f"demo source image {source.label}: package {source.package!r} is not installed")
+    path = Path(spec.origin).parent / source.relative_path
+    if not path.is_file():
+        raise FileNotFoundError(f"demo source image {source.label} not found at {path}")
+    return path
+
+
+def load_source_image(key: str) -> np.ndarray:
+    """The source image as RGB uint8 (grey images get three equal channels)."""
+    path = source_path(SOURCES[key])
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise ValueError(f"demo source image {SOURCES[key].label} at {path} could not be decoded")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def _video_rng(seed: int, index: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([seed, index, stream])
+
+
+def _even(value: float) -> int:
+    return 2 * max(1, round(value / 2))
+
+
+def _split_total(total: float, caps: np.ndarray, shares: np.ndarray) -> np.ndarray:
+    """Split `total` in proportion to `shares` with no part above its cap (needs sum(caps) >= total)."""
+    parts = np.zeros_like(caps)
+    while total - parts.sum() > 1e-9:
+        free = parts < caps
+        parts[free] += (total - parts.sum()) * shares[free] / shares[free].sum()
+        parts = np.minimum(parts, caps)
+    return parts
+
+
+def _draw_severities(rng: np.random.Generator) -> dict[str, float]:
+    target = rng.uniform(0.0, S_MAX)
+    order = [DEGRADATIONS[i] for i in rng.permutation(len(DEGRADATIONS))]
+    weights = np.array([SEVERITY_WEIGHTS[name] for name in order])
+    count = int(rng.integers(1, MAX_DEGRADATIONS_DRAWN + 1))
+    while weights[:count].sum() < target:
+        count += 1
+    contributions = _split_total(target, weights[:count], rng.dirichlet(np.ones(count)))
+    severities = dict.fromkeys(DEGRADATIONS, 0.0)
+    for name, contribution, weight in zip(order, contributions, weights):
+        severities[name] = round(float(contribution / weight), 4)
+    return severities
+
+
+def _plan_video(index: int, split: str, corner_case: str | None, seed: int,
+                frames: int, size: int) -> VideoPlan:
+    rng = _video_rng(seed, index, PLAN_STREAM)
+    sources = SOURCES_BY_CORNER_CASE[corner_case]
+    source = sources[int(rng.integers(len(sources)))]
+    width, height = size, size
+    if corner_case == "portrait":
+        width, height = (_even(size * factor) for factor in PORTRAIT_ASPECT)
+    return VideoPlan(
+        index=index, split=split, corner_case=corner_case, source=source,
+        frames=SHORT_FRAMES if corner_case == "short" else frames, width=width, height=height,
+        severities=_draw_severities(rng), overexposed=bool(rng.random() < 0.5),
+        mos_noise=round(float(rng.normal(0.0, MOS_NOISE_STD)), 4))
+
+
+def plan_videos(n_videos: int, seed: int, frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE,
+                corner_cases_per_kind: int = 2) -> list[VideoPlan]:
+    """Decide split, corner case, source, size and degradations of every video (no pixels yet)."""
+    sizes = split_sizes(n_videos)
+    corner_cases = [kind for kind in CORNER_CASES for _ in range(corner_cases_per_kind)]
+    if len(corner_cases) >= sizes["test"]:
+        raise ValueError(f"{n_videos} videos give a test split of {sizes['test']}, too small for "
+                         f"{len(corner_cases)} corner cases plus a normal video; use more videos")
+    normal_test = sizes["test"] - len(corner_cases)
+    slots = ([("train", None)] * sizes["train"] + [("val", None)] * sizes["val"]
+             + [("test", kind) for kind in corner_cases] + [("test", None)] * normal_test)
+    # Shuffled so that a video's name tells nothing about its split.
+    order = np.random.default_rng(seed).permutation(n_videos)
+    return [_plan_video(index, *slots[slot], seed=seed, frames=frames, size=size)
+            for index, slot in enumerate(order)]
+
+
+def _centre_bounds(crop: np.ndarray, focus_lo: float, focus_hi: float, extent: int):
+    """Range of crop centres along one axis that keep the crop inside the image and the focus inside the crop."""
+    return np.maximum(crop / 2, focus_hi - crop / 2), np.minimum(extent - crop / 2, focus_lo + crop / 2)
+
+
+def _crop_windows(image_shape: tuple[int, ...], source: Source, plan: VideoPlan,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Per frame (centre x, centre y, height) of the crop: an eased pan/zoom between two random
+    windows that hold the focus, plus shake jitter."""
+    image_h, image_w = image_shape[:2]
+    aspect = plan.width / plan.height
+    fx0, fy0, fx1, fy1 = np.multiply(source.focus, [image_w, image_h, image_w, image_h])
+    min_h = max(fy1 - fy0, (fx1 - fx0) / aspect)
+    max_h = min(image_h, image_w / aspect, source.max_zoom_out * (fy1 - fy0))
+    if min_h > max_h:
+        raise ValueError(f"{source.label}: no {plan.width}x{plan.height} crop holds its focus region")
+
+    def centre_ranges(crop_h):
+        return _centre_bounds(crop_h * aspect, fx0, fx1, image_w), _centre_bounds(crop_h, fy0, fy1, image_h)
+
+    def random_window():
+        crop_h = rng.uniform(min_h, max_h)
+        (x_lo, x_hi), (y_lo, y_hi) = centre_ranges(crop_h)
+        return np.array([rng.uniform(x_lo, x_hi), rng.uniform(y_lo, y_hi), crop_h])
+
+    start, end = random_window(), random_window()
+    t = np.linspace(0.0, 1.0, plan.frames)
+    # Half linear, half cosine ease: smooth, yet every frame moves.
+    progress = 0.5 * t + 0.25 * (1.0 - np.cos(np.pi * t))
+    windows = start + (end - start) * progress[:, None]
+    # Both constraints are linear in the window, so the path between two valid windows stays valid;
+    # the shake is clipped back into them.
+    jitter = rng.normal(0.0, SHAKE_MAX_FRACTION * plan.severities["shake"], (plan.frames, 2))
+    (x_lo, x_hi), (y_lo, y_hi) = centre_ranges(windows[:, 2])
+    windows[:, 0] = np.clip(windows[:, 0] + jitter[:, 0] * windows[:, 2], x_lo, x_hi)
+    windows[:, 1] = np.clip(windows[:, 1] + jitter[:, 1] * windows[:, 2], y_lo, y_hi)
+    return windows
+
+
+def _render_crops(image: np.ndarray, windows: np.ndarray, width: int, height: int) -> list[np.ndarray]:
+    # Shrinking the image once to the output scale of a middle zoom keeps the per-frame bilinear
+    # warp within a small factor of 1, where it neither aliases nor blurs much.
+    prescale = min(1.0, height / math.sqrt(windows[:, 2].min() * windows[:, 2].max()))
+    if prescale < 1.0:
+        image = cv2.resize(image, None, fx=prescale, fy=prescale, interpolation=cv2.INTER_AREA)
+    crops = []
+    for centre_x, centre_y, crop_h in windows * prescale:
+        scale = height / crop_h
+        left, top = centre_x - crop_h * width / height / 2, centre_y - crop_h / 2
+        transform = np.array([[scale, 0.0, -left * scale], [0.0, scale, -top * scale]])
+        crops.append(cv2.warpAffine(image, transform, (width, height), flags=cv2.INTER_LINEAR,
+                                    borderMode=cv2.BORDER_REFLECT_101))
+    return crops
+
+
+def _exposure_table(severity: float, overexposed: bool) -> np.ndarray:
+    direction = 1.0 if overexposed else -1.0
+    gain = 2.0 ** (direction * EXPOSURE_MAX_GAIN_STOPS * severity)
+    gamma = 2.0 ** (-direction * EXPOSURE_MAX_GAMMA_STOPS * severity)
+    levels = np.arange(256) / 255.0
+    return np.clip(255.0 * gain * levels ** gamma + 0.5, 0, 255).astype(np.uint8)
+
+
+def _degrade_frame(frame: np.ndarray, plan: VideoPlan, exposure: np.ndarray,
+                   rng: np.random.Generator) -> np.ndarray:
+    """Capture-side degradations in camera order: optics, exposure, sensor noise, then rescaling."""
+    severities = plan.severities
+    if severities["blur"] > 0:
+        frame = cv2.GaussianBlur(frame, (0, 0), BLUR_MAX_SIGMA * severities["blur"])
+    frame = cv2.LUT(frame, exposure)
+    if severities["noise"] > 0:
+        noise = rng.standard_normal(frame.shape, dtype=np.float32) * (NOISE_MAX_STD * severities["noise"])
+        frame = np.clip(frame + noise, 0, 255).astype(np.uint8)
+    if severities["scaling"] > 0:
+        factor = 1.0 + (SCALING_MAX_FACTOR - 1.0) * severities["scaling"]
+        small = (max(1, round(plan.width / factor)), max(1, round(plan.height / factor)))
+        frame = cv2.resize(cv2.resize(frame, small, interpolation=cv2.INTER_AREA),
+                           (plan.width, plan.height), interpolation=cv2.INTER_LINEAR)
+    return frame
+
+
+def _stutter_indices(frames: int, severity: float, rng: np.random.Generator) -> np.ndarray:
+    """Which frame is shown at each time step: a dropped frame repeats the last one shown."""
+    repeat = rng.random(frames) < STUTTER_MAX_REPEAT * severity
+    repeat[0] = False
+    return np.maximum.accumulate(np.where(repeat, 0, np.arange(frames)))
+
+
+def _encoder_settings(severity: float) -> dict[str, int]:
+    if severity == 0:
+        return {"crf": PRISTINE_CRF}
+    return {"bit_rate": round(BITRATE_BEST * (BITRATE_WORST / BITRATE_BEST) ** severity)}
+
+
+def render_video(plan: VideoPlan, seed: int, path: Path, image: np.ndarray) -> None:
+    """Write the video `plan` describes, from its source image (RGB uint8), to `path`."""
+    rng = _video_rng(seed, plan.index, RENDER_STREAM)
+    windows = _crop_windows(image.shape, SOURCES[plan.source], plan, rng)
+    exposure = _exposure_table(plan.severities["exposure"], plan.overexposed)
+    frames = [_degrade_frame(crop, plan, exposure, rng)
+              for crop in _render_crops(image, windows, plan.width, plan.height)]
+    shown = _stutter_indices(plan.frames, plan.severities["stutter"], rng)
+    write_video(path, (frames[i] for i in shown), fps=FPS, **_encoder_settings(plan.severities["compression"]))
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to replace the demo set there")
+        # Only what a build writes is removed, so a mistaken out_dir loses nothing else.
+        for split in SPLITS:
+            shutil.rmtree(out_dir / split, ignore_errors=True)
+        (out_dir / "meta.json").unlink(missing_ok=True)
+    for split in SPLITS:
+        (out_dir / split / "videos").mkdir(parents=True, exist_ok=True)
+
+
+def _video_meta(plan: VideoPlan) -> dict:
+    return {
+        "name": plan.name, "split": plan.split, "source": SOURCES[plan.source].label,
+        "corner_case": plan.corner_case, "severities": plan.severities,
+        "exposure_direction": "over" if plan.overexposed else "under",
+        "total_severity": plan.total_severity,
+        "mos_inputs": {"S": plan.total_severity, "S_max": S_MAX, "noise": plan.mos_noise},
+        "mos": plan.mos, "frames": plan.frames, "size": [plan.width, plan.height], "fps": FPS,
+    }
+
+
+def _write_labels_and_meta(out_dir: Path, plans: list[VideoPlan], seed: int) -> None:
+    for split in SPLITS:
+        lines = [f"{plan.name},{plan.mos:.2f}\n" for plan in plans if plan.split == split]
+        (out_dir / split / "labels.txt").write_text("".join(lines))
+    meta = {"builder_version": BUILDER_VERSION, "seed": seed, "mos_formula": MOS_FORMULA,
+            "severity_weights": SEVERITY_WEIGHTS, "videos": [_video_meta(plan) for plan in plans]}
+    (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def _summarize(videos: list[dict], out_dir: Path, seed: int, elapsed_s: float) -> dict:
+    """Per-split counts, corner cases and MOS range, from the per-video entries of meta.json."""
+    splits = {}
+    for split in SPLITS:
+        members = [video for video in videos if video["split"] == split]
+        mos = np.array([video["mos"] for video in members])
+        splits[split] = {
+            "count": len(members),
+            "corner_cases": {kind: sum(video["corner_case"] == kind for video in members) for kind in CORNER_CASES},
+            "mos_min": float(mos.min()), "mos_mean": round(float(mos.mean()), 2), "mos_max": float(mos.max()),
+        }
+    size_bytes = sum(path.stat().st_size for path in out_dir.rglob("*") if path.is_file())
+    return {"out_dir": str(out_dir), "n_videos": len(videos), "seed": seed, "splits": splits,
+            "size_bytes": size_bytes, "elapsed_s": None if elapsed_s is None else round(elapsed_s, 2)}
+
+
+def load_summary(out_dir, n_videos: int, seed: int) -> dict | None:
+    """The summary of a demo set already built in `out_dir` with these parameters, else None.
+
+    meta.json is written after the last video, so its presence means the build completed.
+    """
+    out_dir = Path(out_dir)
+    try:
+        meta = json.loads((out_dir / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    videos = meta.get("videos", [])
+    if meta.get("builder_version") != BUILDER_VERSION or meta.get("seed") != seed or len(videos) != n_videos:
+        return None
+    return _summarize(videos, out_dir, seed, elapsed_s=None)
+
+
+def build_demo_set(out_dir, n_videos: int = 200, seed: int = 0, progress: bool = True, *,
+                   frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE,
+                   corner_cases_per_kind: int = 2, overwrite: bool = False) -> dict:
+    """Write a synthetic FVQ-20K-layout demo set into `out_dir` and return its summary.
+
+    `frames` per normal video (corner "short" videos get 5) and `size` (square side; portrait
+    videos are 0.8 x 1.4 of it) are for quick test sets. The summary holds per split the video
+    count, corner cases and MOS min/mean/max, plus the size on disk and elapsed seconds.
+    """
+    if frames <= SHORT_FRAMES:
+        raise ValueError(f"frames must exceed the {SHORT_FRAMES} of the 'short' corner case, got {frames}")
+    if size % 2:
+        raise ValueError(f"size must be even for H.264 (yuv420p), got {size}")
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    plans = plan_videos(n_videos, seed, frames, size, corner_cases_per_kind)
+    _prepare_out_dir(out_dir, overwrite)
+    images = {key: load_source_image(key) for key in sorted({plan.source for plan in plans})}
+    for plan in tqdm(plans, desc="demo videos", unit="video", disable=not progress):
+        render_video(plan, seed, out_dir / plan.split / "videos" / plan.name, images[plan.source])
+    _write_labels_and_meta(out_dir, plans, seed)
+    return _summarize([_video_meta(plan) for plan in plans], out_dir, seed, time.perf_counter() - start)
+
+
+def format_summary(summary: dict) -> str:
+    """A short table of a build_demo_set summary."""
+    rows = [f"{'split':<6} {'videos':>6} {'corner':>6} {'MOS min':>8} {'mean':>6} {'max':>6}"]
+    for split, stats in summary["splits"].items():
+        rows.append(f"{split:<6} {stats['count']:>6} {sum(stats['corner_cases'].values()):>6} "
+                    f"{stats['mos_min']:>8.2f} {stats['mos_mean']:>6.2f} {stats['mos_max']:>6.2f}")
+    corner = ", ".join(f"{kind} {count}" for kind, count in summary["splits"]["test"]["corner_cases"].items())
+    rows.append(f"test corner cases: {corner}")
+    rows.append(f"{summary['n_videos']} videos (seed {summary['seed']}), "
+                f"{summary['size_bytes'] / 1e6:.1f} MB in {summary['out_dir']}"
+                + ("" if summary["elapsed_s"] is None else f", built in {summary['elapsed_s']:.1f} s"))
+    return "\n".join(rows)
