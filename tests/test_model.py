@@ -1,0 +1,134 @@
+import pytest
+import torch
+from conftest import tiny_rater
+
+from fvq_plugin.model import (LEVELS, STREAMS, CheckpointError, FVQRater, FVQRaterConfig, LoraSettings, answer_text,
+                              level_index)
+
+
+def random_batch(model, batch=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    frames, (height, width) = model.config.num_frames, model.image_size
+    return {"pixel_values": torch.randn(batch, frames, 3, height, width, generator=generator),
+            "portrait_values": torch.randn(batch, frames, 3, height, width, generator=generator),
+            "face_embeds": torch.randn(batch, frames, model.config.face_dim, generator=generator),
+            "face_mask": torch.rand(batch, frames, generator=generator) > 0.3,
+            "temporal": torch.randn(batch, model.config.temporal_dim, generator=generator)}
+
+
+def perturb_trainable(model, seed=1):
+    """LoRA B matrices and the head start at zero; give every trainable tensor a value."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+
+@pytest.fixture(scope="module")
+def model(extractor):
+    return tiny_rater(extractor)
+
+
+def test_only_lora_projectors_and_head_train(model):
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith(("projectors.", "score_head.", "no_face")) for n in trainable)
+    lora = [n for n in trainable if "lora_" in n]
+    assert any("vision_tower" in n for n in lora) and any("language_model" in n for n in lora)
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
+    assert any("embed_tokens" in n for n in frozen) and any("patch_embeddings" in n for n in frozen)
+
+
+def test_forward_backward_reaches_every_trainable_tensor(model):
+    model.train()
+    output = model(**random_batch(model))
+    assert output.score.shape == (2,) and output.level_logits.shape == (2, len(LEVELS))
+    (output.score.sum() + output.level_logits.logsumexp(-1).sum()).backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+    model.zero_grad()
+
+
+def test_prompt_reserves_positions_for_every_stream(model):
+    counts = {s: int((model.stream_map == 1 + STREAMS.index(s)).sum()) for s in STREAMS}
+    frames = model.config.num_frames
+    assert counts == {"spatial": frames * model.tokens_per_frame, "portrait": frames * model.tokens_per_frame,
+                      "face": frames, "temporal": 1}
+    assert model.prompt_text().endswith("Please evaluate the quality of this video.\nassistant: The video quality is")
+
+
+def test_untrained_head_answers_mid_scale(model):
+    assert torch.allclose(model(**random_batch(model)).score, torch.tensor(50.0))
+
+
+def test_streams_can_be_switched_off(extractor):
+    model = tiny_rater(extractor, streams=("spatial", "temporal"))
+    batch = random_batch(model)
+    assert model(pixel_values=batch["pixel_values"], temporal=batch["temporal"]).score.shape == (2,)
+    assert set(model.projectors) == {"temporal"} and not hasattr(model, "no_face")
+    with pytest.raises(ValueError, match="missing"):
+        model(pixel_values=batch["pixel_values"])
+
+
+def test_masked_faces_use_the_no_face_token(model):
+    batch = random_batch(model)
+    batch["face_mask"][:] = False
+    shuffled = dict(batch, face_embeds=torch.randn_like(batch["face_embeds"]))
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, model(**shuffled).logits)
+
+
+def test_same_seed_same_model_same_scores(extractor):
+    first, second = tiny_rater(extractor, seed=3), tiny_rater(extractor, seed=3)
+    perturb_trainable(first)
+    perturb_trainable(second)
+    first.eval(), second.eval()
+    batch = random_batch(first)
+    assert first.predict(**batch) == second.predict(**batch)
+
+
+def test_save_and_load_give_identical_scores(tmp_path, extractor):
+    model = tiny_rater(extractor)
+    perturb_trainable(model)
+    model.eval()
+    batch = random_batch(model)
+    expected = model.predict(**batch)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["adapter", "backbone", "fvq_rater.json",
+                                                                       "heads.safetensors"]
+    assert not list((tmp_path / "ckpt").rglob("*.bin")) and not list((tmp_path / "ckpt").rglob("*.pt"))
+    loaded = FVQRater.from_pretrained(tmp_path / "ckpt")
+    assert loaded.predict(**batch) == expected
+    # Saving the loaded model refers to the base it came from instead of copying it.
+    loaded.save_pretrained(tmp_path / "again")
+    assert not (tmp_path / "again" / "backbone").exists()
+    assert FVQRater.from_pretrained(tmp_path / "again").predict(**batch) == expected
+
+
+def test_predict_composes_level_and_score_text(model):
+    model.eval()
+    result = model.predict(**random_batch(model, batch=1))[0]
+    assert result["level"] in LEVELS and 0 <= result["score"] <= 100
+    assert result["text"] == answer_text(result["level"], result["score"])
+    assert result["text"].startswith("The video quality is ") and abs(sum(result["level_probs"].values()) - 1) < 1e-5
+
+
+def test_level_bins_are_equal_width():
+    assert level_index(torch.tensor([0.0, 19.9, 20.0, 59.9, 60.0, 80.0, 100.0])).tolist() == [0, 0, 1, 2, 3, 4, 4]
+
+
+def test_lora_targets_follow_the_settings():
+    assert "vision_tower" not in LoraSettings(vision=False).target_modules()
+    assert "language_model" not in LoraSettings(llm=False).target_modules()
+
+
+def test_not_a_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="not an FVQ-Rater checkpoint.*fvq-rater convert"):
+        FVQRater.from_pretrained(tmp_path)
+
+
+def test_config_rejects_unknown_streams_and_fields():
+    with pytest.raises(ValueError, match="streams"):
+        FVQRaterConfig(streams=("spatial", "audio"))
+    with pytest.raises(CheckpointError, match="unknown"):
+        FVQRaterConfig.from_dict({"streams": ["spatial"], "colour": "red"})
