@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
-import time
 from pathlib import Path
 
 DEMO_DIR = "fvq-demo"
@@ -28,27 +29,155 @@ def _validate(args) -> int:
     return 1 if problems else 0
 
 
-def _demo(args) -> int:
-    """The main job on the embedded default: a demo FVQ-20K set built from package-shipped faces."""
-    from .data import validate
-    from .demo_data import build_demo_set, format_summary, load_summary
+WEIGHTS_ENV = "FVQ_RATER_WEIGHTS"
 
-    started = time.perf_counter()
-    data_dir = Path(args.workdir) / "data"
-    summary = load_summary(data_dir, n_videos=args.videos, seed=args.seed)
-    if summary is None:
-        print(f"Building the demo set in {data_dir} ...")
-        summary = build_demo_set(data_dir, n_videos=args.videos, seed=args.seed, overwrite=True)
+
+def _weights(args) -> str:
+    weights = args.weights or os.environ.get(WEIGHTS_ENV)
+    if not weights:
+        raise FileNotFoundError(f"no FVQ-Rater weights: pass --weights DIR or set {WEIGHTS_ENV}. Get a checkpoint "
+                                "with `fvq-rater demo` (tiny, CPU), `fvq-rater train`, or `fvq-rater convert` "
+                                "(released weights)")
+    return weights
+
+
+def _feature_overrides(args) -> dict:
+    names = ("video_backend", "face_backend", "face_models", "portrait_model", "temporal_weights")
+    overrides = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if getattr(args, "temporal_random", False):
+        overrides["temporal_random"] = True
+    return overrides
+
+
+def _dtype(name):
+    import torch
+
+    return None if name in (None, "auto") else getattr(torch, name)
+
+
+def _scorer(args):
+    from .scoring import Scorer
+
+    return Scorer.from_pretrained(_weights(args), device=args.device, dtype=_dtype(args.dtype),
+                                  device_map=args.device_map, attn_implementation=args.attn,
+                                  feature_overrides=_feature_overrides(args), batch_size=args.batch_size,
+                                  workers=args.workers, cache_dir=args.cache)
+
+
+def _score(args) -> int:
+    results = _scorer(args).score(args.paths, output=args.output, progress=not args.json)
+    if args.json:
+        print(json.dumps(results, indent=2))
     else:
-        print(f"Reusing the demo set in {data_dir}")
-    print(format_summary(summary))
-    problems = validate(data_dir, deep=True, progress=False)
-    for problem in problems:
-        print(problem)
-    if problems:
-        return 1
-    print(f"Demo set valid: every label parsed and every video opened ({time.perf_counter() - started:.1f} s)")
+        for result in results:
+            shown = f"{result['score']:6.2f}  {result['level']:<9}" if "score" in result else f"error: {result['error']}"
+            print(f"{shown}  {result['path']}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def _eval(args) -> int:
+    from .scoring import evaluate
+
+    report, results = evaluate(_scorer(args), args.data, args.split, output=args.output)
+    for result in results:
+        if "error" in result:
+            print(f"failed: {result['path']}: {result['error']}")
+    print(json.dumps(report) if args.json else
+          f"{args.split}: SRCC {report['srcc']:.4f}  PLCC {report['plcc']:.4f}  KRCC {report['krcc']:.4f}  "
+          f"RMSE {report['rmse']:.3f}  ({report['scored']} scored, {report['failed']} failed)")
     return 0
+
+
+def _features(args) -> int:
+    from .features import FeatureConfig, FeatureExtractor
+    from .scoring import split_features
+
+    if args.weights:  # the feature configuration the checkpoint was trained with
+        config = json.loads((Path(args.weights) / "fvq_rater.json").read_text())["features"]
+    else:
+        config = {"image_size": args.image_size}
+    extractor = FeatureExtractor(FeatureConfig.from_dict({**config, **_feature_overrides(args)}), device=args.device)
+    features, _, failures = split_features(args.data, args.split, extractor, args.out, args.batch_size, args.workers)
+    for failure in failures:
+        print(f"failed: {failure['path']}: {failure['error']}")
+    print(f"{len(features)} videos' features cached in {Path(args.out) / extractor.key_digest()}, {len(failures)} failed")
+    return 1 if failures else 0
+
+
+def _train(args) -> int:
+    from .features import FeatureConfig, FeatureExtractor
+    from .model import FVQRater, FVQRaterConfig, LoraSettings, load_backbone
+    from .scoring import split_features
+    from .train import TrainConfig, train
+
+    if args.init:
+        model = FVQRater.from_pretrained(args.init, trainable=True, dtype=_dtype(args.dtype))
+        features = FeatureConfig.from_dict({**model.config.features, **_feature_overrides(args)})
+        extractor = FeatureExtractor(features, device=args.device)
+    else:
+        lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha)
+        if args.backbone:
+            vlm, tokenizer = load_backbone(args.backbone, dtype=_dtype(args.dtype), attn_implementation=args.attn)
+            image_size = vlm.config.vision_config.image_size
+        else:
+            from .tiny import tiny_backbone_config, tiny_tokenizer
+
+            tokenizer, image_size = tiny_tokenizer(), 64
+            vlm = None
+        image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+        features = FeatureConfig.from_dict({"image_size": image_size, "num_frames": args.frames,
+                                            **_feature_overrides(args)})
+        extractor = FeatureExtractor(features, device=args.device)
+        config = FVQRaterConfig(num_frames=args.frames, face_dim=extractor.face_dim, lora=lora,
+                                features=features.to_dict())
+        if vlm is None:
+            model = FVQRater.random(config, tiny_backbone_config(tokenizer, image_size=image_size), tokenizer, args.seed)
+        else:
+            model = FVQRater.create(config, vlm, tokenizer, base_path=args.backbone)
+    train_set = split_features(args.data, "train", extractor, args.cache, args.batch_size, args.workers)
+    val_set = split_features(args.data, "val", extractor, args.cache, args.batch_size, args.workers)
+    config = TrainConfig(stage=args.stage, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         grad_accum=args.grad_accum, mixed_precision=args.mixed_precision,
+                         gradient_checkpointing=args.gradient_checkpointing, ce_weight=args.ce_weight, seed=args.seed)
+    result = train(model, extractor.preparer.spatial, train_set[:2], val_set[:2], config, args.out, resume=args.resume)
+    print(f"best validation SRCC {result['best_srcc']:.4f}; checkpoints in {args.out}/best and {args.out}/last")
+    return 0
+
+
+def _convert(args) -> int:
+    from .convert import main_convert
+
+    return main_convert(args.src, args.dst, args.map or [], allow_unmatched=args.allow_unmatched)
+
+
+def _demo(args) -> int:
+    """The main job on the embedded default (see fvq_plugin.demo)."""
+    from .demo import DemoSettings, run_demo
+
+    run_demo(args.workdir, DemoSettings(videos=args.videos, seed=args.seed))
+    return 0
+
+
+def _add_feature_args(parser):
+    group = parser.add_argument_group("feature extractors")
+    group.add_argument("--video-backend", choices=["auto", "pyav", "decord"])
+    group.add_argument("--face-backend", choices=["yunet-sface", "insightface"])
+    group.add_argument("--face-models", help="insightface model folder (default: env FVQ_FACE_MODELS)")
+    group.add_argument("--portrait-model", help="a .tflite person-segmentation model (default: the shipped one)")
+    group.add_argument("--temporal-weights", help="SlowFast-R50 Kinetics checkpoint (.pyth)")
+    group.add_argument("--temporal-random", action="store_true", help="random SlowFast weights (testing only)")
+
+
+def _add_runtime_args(parser, weights=True):
+    if weights:
+        parser.add_argument("--weights", help=f"FVQ-Rater checkpoint folder (default: env {WEIGHTS_ENV})")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--device-map", help="e.g. auto: shard the backbone over the visible GPUs")
+    parser.add_argument("--attn", help="attention implementation: sdpa, flash_attention_2, eager")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding ahead (default 0)")
+    parser.add_argument("--cache", help="feature cache folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,17 +202,78 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--split", choices=["train", "val", "test"], help="only this split (default all)")
     check.add_argument("--deep", action="store_true", help="also open every video")
     check.set_defaults(run=_validate)
+
+    score = commands.add_parser("score", help="score videos (or images) with an FVQ-Rater checkpoint")
+    score.add_argument("paths", nargs="+")
+    score.add_argument("--json", action="store_true", help="print results as JSON")
+    score.add_argument("--output", help="append results to this .jsonl file; an interrupted run resumes from it")
+    _add_runtime_args(score)
+    _add_feature_args(score)
+    score.set_defaults(run=_score)
+
+    evaluation = commands.add_parser("eval", help="SRCC/PLCC/KRCC/RMSE on a dataset split")
+    evaluation.add_argument("--data", required=True, help="FVQ-20K-layout root")
+    evaluation.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluation.add_argument("--json", action="store_true")
+    evaluation.add_argument("--output", help="per-video results (.jsonl), resumable")
+    _add_runtime_args(evaluation)
+    _add_feature_args(evaluation)
+    evaluation.set_defaults(run=_eval)
+
+    features = commands.add_parser("features", help="precompute the four feature streams of a split into a cache")
+    features.add_argument("data", help="FVQ-20K-layout root")
+    features.add_argument("--split", default="test", choices=["train", "val", "test"])
+    features.add_argument("--out", required=True, help="cache folder")
+    features.add_argument("--weights", help="use the feature configuration of this checkpoint")
+    features.add_argument("--image-size", type=int, default=448)
+    features.add_argument("--device", default="cpu")
+    features.add_argument("--batch-size", type=int, default=8)
+    features.add_argument("--workers", type=int, default=0)
+    _add_feature_args(features)
+    features.set_defaults(run=_features)
+
+    training = commands.add_parser("train", help="train FVQ-Rater (stage 1: level text, stage 2: score head)")
+    training.add_argument("--data", required=True, help="FVQ-20K-layout root")
+    training.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    training.add_argument("--out", required=True, help="checkpoint folder (best/ and last/ inside)")
+    start = training.add_mutually_exclusive_group()
+    start.add_argument("--init", help="continue from an FVQ-Rater checkpoint (e.g. stage 1's best)")
+    start.add_argument("--backbone", help="new rater on an InternVL checkpoint in transformers' layout")
+    training.add_argument("--frames", type=int, default=8)
+    training.add_argument("--epochs", type=int, default=3)
+    training.add_argument("--lr", type=float, default=2e-4)
+    training.add_argument("--grad-accum", type=int, default=1)
+    training.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    training.add_argument("--gradient-checkpointing", action="store_true")
+    training.add_argument("--ce-weight", type=float, default=0.0, help="stage 2: add the level cross-entropy")
+    training.add_argument("--lora-r", type=int, default=8)
+    training.add_argument("--lora-alpha", type=int, default=16)
+    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--resume", action="store_true", help="continue an interrupted run from --out/last")
+    _add_runtime_args(training, weights=False)
+    _add_feature_args(training)
+    training.set_defaults(run=_train)
+
+    convert = commands.add_parser("convert", help="released InternVL-chat-layout weights -> an FVQ-Rater checkpoint")
+    convert.add_argument("src", help="local folder of the released checkpoint (config.json + *.safetensors)")
+    convert.add_argument("dst", help="new checkpoint folder (absent or empty)")
+    convert.add_argument("--map", action="append", metavar="SRC_PREFIX=OUR_PREFIX",
+                         help="name the release's extra modules, e.g. --map quality_head.=score_head. (repeatable)")
+    convert.add_argument("--allow-unmatched", action="store_true",
+                         help="write even if some release keys are unused (the report lists them)")
+    convert.set_defaults(run=_convert)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from .data import DatasetError
+    from .model import CheckpointError
     from .video import VideoReadError
 
     try:
         return args.run(args)
-    except (DatasetError, VideoReadError, FileExistsError, FileNotFoundError) as error:
+    except (DatasetError, VideoReadError, CheckpointError, FileExistsError, FileNotFoundError) as error:
         print(f"fvq-rater {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -16,6 +16,7 @@ from scipy import optimize, stats
 __all__ = ["srcc", "krcc", "plcc", "rmse", "logistic_fit", "correlation_report"]
 
 MIN_SAMPLES = 3
+LOGISTIC_PARAMETERS = 4
 
 
 def _pairs(pred, mos):
@@ -52,6 +53,10 @@ def logistic_fit(pred, mos):
     When the fit does not converge the predictions are returned unchanged, with a warning.
     """
     pred, mos = _pairs(pred, mos)
+    if pred.size <= LOGISTIC_PARAMETERS:
+        warnings.warn(f"{pred.size} samples are too few for the {LOGISTIC_PARAMETERS}-parameter logistic fit; "
+                      "using raw predictions", RuntimeWarning, stacklevel=2)
+        return pred
     start = [mos.max(), mos.min(), np.mean(pred), np.std(pred) / 4 or 1.0]
     try:
         with warnings.catch_warnings():

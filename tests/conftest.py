@@ -3,3 +3,61 @@ import os
 # Every hub lookup would otherwise wait ~60 s for a network that is not there.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import warnings  # noqa: E402
+
+import pytest  # noqa: E402
+
+# Small everywhere (32-px frames, 4 per video, a short SlowFast clip): the production code paths, fast.
+TINY_FEATURES = dict(num_frames=4, image_size=32, face_backend="yunet-sface", temporal_random=True,
+                     temporal_size=32, temporal_frames=8)
+
+
+@pytest.fixture(scope="session")
+def demo_set(tmp_path_factory):
+    from fvq_plugin.demo_data import build_demo_set
+
+    root = tmp_path_factory.mktemp("demo") / "data"
+    build_demo_set(root, n_videos=60, seed=0, frames=12, size=64, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def extractor():
+    from fvq_plugin.features import FeatureConfig, FeatureExtractor
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the loud random-SlowFast warning is tested elsewhere
+        return FeatureExtractor(FeatureConfig(**TINY_FEATURES))
+
+
+@pytest.fixture(scope="session")
+def feature_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("feature-cache")
+
+
+def tiny_rater(extractor, seed=0, **config):
+    from fvq_plugin.model import FVQRater, FVQRaterConfig
+    from fvq_plugin.tiny import tiny_backbone_config, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    rater_config = FVQRaterConfig(num_frames=extractor.config.num_frames, face_dim=extractor.face_dim,
+                                  features=extractor.config.to_dict(), **config)
+    return FVQRater.random(rater_config, tiny_backbone_config(tokenizer, image_size=extractor.config.image_size),
+                           tokenizer, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory, demo_set, extractor, feature_cache):
+    """A tiny FVQ-Rater trained through both stages on the demo set (once per test session)."""
+    from fvq_plugin.scoring import split_features
+    from fvq_plugin.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("trained")
+    train_set = split_features(demo_set, "train", extractor, feature_cache, progress=False)[:2]
+    val_set = split_features(demo_set, "val", extractor, feature_cache, progress=False)[:2]
+    model = tiny_rater(extractor)
+    for stage, epochs in ((1, 1), (2, 2)):
+        train(model, extractor.preparer.spatial, train_set, val_set, TrainConfig(stage=stage, epochs=epochs, lr=1e-3),
+              out / f"stage{stage}", progress=False)
+    return out / "stage2" / "last"

@@ -57,3 +57,8 @@ def test_report_has_the_four_numbers_and_count():
     report = correlation_report(X, Y)
     assert set(report) == {"srcc", "plcc", "krcc", "rmse", "n"}
     assert report["n"] == 5 and report["srcc"] == pytest.approx(0.8)
+
+
+def test_logistic_fit_needs_more_samples_than_parameters():
+    with pytest.warns(RuntimeWarning, match="too few for"):
+        assert plcc([1, 2, 4], [10, 30, 35]) == pytest.approx(plcc([1, 2, 4], [10, 30, 35], fit=False))

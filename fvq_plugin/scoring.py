@@ -1,0 +1,261 @@
+"""Scoring many videos: features in background workers, cached on disk, the model in batches.
+
+Decoding and the CPU feature models run in DataLoader workers ahead of the device; SlowFast and
+the rater run batched on the device. Features are cached per file content and extractor
+configuration, so a second run (or another checkpoint using the same extractors) skips them.
+A video that cannot be read is recorded with its reason and the run goes on; results are
+appended to a JSONL file as they come, which is also how an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .features import FeatureExtractor, model_inputs
+from .video import VideoReadError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Extracted:
+    path: str
+    features: dict | None   # None when the video failed
+    error: str | None = None
+    cached: bool = False
+
+
+class FeatureCache:
+    """One safetensors file per (video content, extractor configuration), written atomically."""
+
+    def __init__(self, directory, extractor_digest: str):
+        self.directory = Path(directory) / extractor_digest
+
+    @staticmethod
+    def content_key(path) -> str:
+        with open(path, "rb") as file:
+            return hashlib.file_digest(file, "blake2b").hexdigest()[:32]
+
+    def _file(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.safetensors"
+
+    def load(self, key: str) -> dict | None:
+        from safetensors import safe_open
+
+        file = self._file(key)
+        if not file.is_file():
+            return None
+        try:
+            with safe_open(file, "pt") as handle:
+                features = {name: handle.get_tensor(name) for name in handle.keys()}
+                features["info"] = json.loads(handle.metadata()["info"])
+        except Exception as error:  # a damaged cache file is recomputed, not fatal
+            log.warning("ignoring unreadable cache file %s: %s", file, error)
+            return None
+        return features
+
+    def save(self, key: str, features: dict) -> None:
+        from safetensors.torch import save_file
+
+        file = self._file(key)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.contiguous().cpu() for k, v in features.items() if isinstance(v, torch.Tensor)}
+        handle, temporary = tempfile.mkstemp(dir=file.parent, suffix=".tmp")
+        os.close(handle)
+        try:
+            save_file(tensors, temporary, metadata={"info": json.dumps(features["info"])})
+            os.replace(temporary, file)  # readers never see a half-written file
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+
+
+class _PreparedVideos(Dataset):
+    """Runs in DataLoader workers: cache lookup, else decoding and the CPU feature models."""
+
+    def __init__(self, paths, preparer, cache: FeatureCache | None):
+        self.paths, self.preparer, self.cache = [str(p) for p in paths], preparer, cache
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        path = self.paths[index]
+        try:
+            key = self.cache.content_key(path) if self.cache else None
+        except OSError as error:
+            return Extracted(path, None, f"cannot read file: {error.strerror or error}"), None
+        cached = self.cache.load(key) if self.cache else None
+        if cached is not None:
+            return Extracted(path, cached, cached=True), key
+        try:
+            return Extracted(path, self.preparer(path)), key
+        except VideoReadError as error:
+            return Extracted(path, None, error.reason), key
+        except Exception as error:  # one bad video must not end a 20,000-video run
+            log.exception("feature extraction failed for %s", path)
+            return Extracted(path, None, f"{type(error).__name__}: {error}"), key
+
+
+def _one_thread_per_worker(_):
+    # Workers are the parallelism; their own thread pools would only contend for the cores.
+    import cv2
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def extract_features(paths, extractor: FeatureExtractor, cache_dir=None, batch_size: int = 8, workers: int = 0,
+                     progress: bool = True) -> Iterator[list[Extracted]]:
+    """Batches of per-video features (or failures), in input order."""
+    cache = FeatureCache(cache_dir, extractor.key_digest()) if cache_dir else None
+    # Workers start from a clean forkserver process: a plain fork of a parent that already ran
+    # OpenMP (torch, cv2) deadlocks in the child.
+    loader = DataLoader(_PreparedVideos(paths, extractor.preparer, cache), batch_size=batch_size,
+                        num_workers=workers, collate_fn=list, worker_init_fn=_one_thread_per_worker,
+                        multiprocessing_context="forkserver" if workers else None)
+    with tqdm(total=len(paths), desc="features", unit="video", disable=not progress) as bar:
+        for items in loader:
+            fresh = [(item, key) for item, key in items if item.features is not None and not item.cached]
+            extractor.finish([item.features for item, _ in fresh])
+            if cache is not None:
+                for item, key in fresh:
+                    cache.save(key, item.features)
+            bar.update(len(items))
+            yield [item for item, _ in items]
+
+
+class Scorer:
+    """FVQ-Rater over many videos: one model load, batched features and forwards, resumable output."""
+
+    def __init__(self, model, extractor: FeatureExtractor, batch_size: int = 8, workers: int = 0,
+                 cache_dir=None):
+        self.model, self.extractor = model.eval(), extractor
+        self.batch_size, self.workers, self.cache_dir = batch_size, workers, cache_dir
+        self._check_compatible()
+
+    def _check_compatible(self):
+        config, features = self.model.config, self.extractor.config
+        if set(config.streams) - set(features.streams):
+            raise ValueError(f"the model needs streams {config.streams}, the extractor gives {features.streams}")
+        if "face" in config.streams and self.extractor.face_dim != config.face_dim:
+            raise ValueError(f"face backend {features.face_backend!r} gives {self.extractor.face_dim}-d embeddings "
+                             f"but the model was trained on {config.face_dim}-d ones")
+        if config.num_frames != features.num_frames:
+            raise ValueError(f"the model takes {config.num_frames} frames, the extractor samples {features.num_frames}")
+
+    @classmethod
+    def from_pretrained(cls, checkpoint, device="cpu", dtype=None, device_map=None, attn_implementation=None,
+                        feature_overrides: dict | None = None, **options) -> "Scorer":
+        """Load a checkpoint and the feature extractors it was trained with (paths may be overridden)."""
+        from .features import FeatureConfig
+        from .model import FVQRater
+
+        model = FVQRater.from_pretrained(checkpoint, dtype=dtype, device_map=device_map,
+                                         attn_implementation=attn_implementation)
+        if device_map is None:
+            model.to(device)
+        features = FeatureConfig.from_dict({**model.config.features, **(feature_overrides or {})})
+        return cls(model, FeatureExtractor(features, device=device), **options)
+
+    @property
+    def device(self):
+        return self.model.vlm.get_input_embeddings().weight.device
+
+    @torch.no_grad()
+    def score_features(self, features: list[dict]) -> list[dict]:
+        batch = model_inputs(features, self.extractor.preparer.spatial, self.device, self.model._vision_dtype)
+        return self.model.predict(**batch)
+
+    def score_frames(self, frames) -> dict:
+        """One in-memory video, uint8 [T,H,W,3]."""
+        return self.score_features(self.extractor.finish([self.extractor.preparer.from_frames(frames)]))[0]
+
+    def score(self, paths, output=None, progress: bool = True) -> list[dict]:
+        """One result per path: {path, score, level, text, ...} or {path, error}.
+
+        With `output` (a .jsonl file), results are appended as they come and paths already in
+        the file are not scored again, so an interrupted run resumes where it stopped.
+        """
+        paths = [str(p) for p in paths]
+        done = _read_results(output) if output else {}
+        todo = [p for p in dict.fromkeys(paths) if p not in done]
+        if done:
+            log.info("resuming: %d of %d videos already scored in %s", len(paths) - len(todo), len(paths), output)
+        sink = open(output, "a", encoding="utf-8") if output else None
+        if sink and sink.tell() and not Path(output).read_bytes().endswith(b"\n"):
+            sink.write("\n")  # a killed run's cut-off line must not swallow the next result
+        try:
+            for items in extract_features(todo, self.extractor, self.cache_dir, self.batch_size, self.workers, progress):
+                good = [item for item in items if item.features is not None]
+                predictions = iter(self.score_features([item.features for item in good]) if good else [])
+                for item in items:
+                    result = ({"path": item.path, **next(predictions), "info": item.features["info"]}
+                              if item.features is not None else {"path": item.path, "error": item.error})
+                    done[item.path] = result
+                    if sink:
+                        sink.write(json.dumps(result) + "\n")
+                if sink:
+                    sink.flush()
+        finally:
+            if sink:
+                sink.close()
+        return [done[p] for p in paths]
+
+
+def _read_results(output) -> dict:
+    path = Path(output)
+    if not path.is_file():
+        return {}
+    results = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the last line of a killed run may be cut short; that video is scored again
+        results[result["path"]] = result
+    return results
+
+
+def split_features(root, split: str, extractor: FeatureExtractor, cache_dir=None, batch_size: int = 8,
+                   workers: int = 0, progress: bool = True):
+    """Features and MOS of every readable video of a dataset split, plus the failures."""
+    from .data import read_split
+
+    records = read_split(root, split)
+    features, mos, failures = [], [], []
+    batches = extract_features([r.path for r in records], extractor, cache_dir, batch_size, workers, progress)
+    items = (item for batch in batches for item in batch)
+    for record, item in zip(records, items):
+        if item.features is None:
+            failures.append({"path": item.path, "error": item.error})
+        else:
+            features.append(item.features)
+            mos.append(record.mos)
+    for failure in failures:
+        log.warning("skipped %s: %s", failure["path"], failure["error"])
+    return features, mos, failures
+
+
+def evaluate(scorer: Scorer, root, split: str = "test", output=None, progress: bool = True) -> tuple[dict, list]:
+    """SRCC/PLCC/KRCC/RMSE of the scorer on a split, with the counts of scored and failed videos."""
+    from .data import read_split
+    from .metrics import correlation_report
+
+    records = read_split(root, split)
+    results = scorer.score([r.path for r in records], output=output, progress=progress)
+    for record, result in zip(records, results):
+        result["mos"] = record.mos
+    scored = [r for r in results if "score" in r]
+    report = correlation_report([r["score"] for r in scored], [r["mos"] for r in scored])
+    report.update(scored=len(scored), failed=len(results) - len(scored), split=split)
+    return report, results

@@ -1,0 +1,180 @@
+"""Two-stage FVQ-Rater training with accelerate (CPU, one GPU, or many: `accelerate launch`).
+
+Stage I teaches the quality level: cross-entropy on the level word that follows the
+teacher-forced "The video quality is". Stage II trains the regression head with L1 on MOS/100
+(optionally plus the stage-I loss). Base weights stay frozen; LoRA, projectors and heads train.
+
+Features are extracted once (main process first, the others then read the cache) and training
+iterates over them. Every epoch ends with validation SRCC/PLCC and checkpoints `last/` (with
+the optimizer, scheduler and RNG state, for resuming) and `best/` (highest validation SRCC).
+The shuffle order of epoch e depends only on (seed, e), so a resumed run repeats the same batches.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from .features import model_inputs
+from .metrics import plcc, srcc
+from .model import FVQRater, level_index
+
+log = logging.getLogger(__name__)
+STATE_DIR = "training_state"
+PROGRESS_FILE = "progress.json"
+
+
+@dataclass
+class TrainConfig:
+    stage: int = 1
+    epochs: int = 3
+    batch_size: int = 8
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"         # "no", "bf16", "fp16"
+    gradient_checkpointing: bool = False
+    ce_weight: float = 0.0              # stage II: weight of the level cross-entropy added to L1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 or 2, got {self.stage}")
+
+
+def stage_loss(output, mos: torch.Tensor, model: FVQRater, config: TrainConfig) -> torch.Tensor:
+    target = model.level_ids.to(output.logits.device)[level_index(mos)]
+    ce = F.cross_entropy(output.logits.float(), target)
+    if config.stage == 1:
+        return ce
+    l1 = F.l1_loss(output.score.float() / 100, mos / 100)
+    return l1 + config.ce_weight * ce if config.ce_weight else l1
+
+
+class _Labelled(torch.utils.data.Dataset):
+    def __init__(self, features: list[dict], mos: list[float]):
+        self.features, self.mos = features, mos
+
+    def __len__(self):
+        return len(self.features)
+
+    def __getitem__(self, index):
+        return self.features[index], self.mos[index]
+
+
+def _collate(spatial):
+    def collate(items):
+        features, mos = zip(*items)
+        return model_inputs(list(features), spatial), torch.tensor(mos, dtype=torch.float32)
+    return collate
+
+
+def _loader(features, mos, spatial, batch_size, shuffle, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(_Labelled(features, mos), batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      collate_fn=_collate(spatial))
+
+
+def train(model: FVQRater, spatial, train_set: tuple[list[dict], list[float]],
+          val_set: tuple[list[dict], list[float]] | None, config: TrainConfig, output_dir,
+          resume: bool = False, progress: bool = True) -> dict:
+    """Train `model` on (features, mos) pairs; returns the per-epoch history.
+
+    `spatial` is the SpatialFeatures that normalises cached frames into pixel values.
+    """
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    output_dir = Path(output_dir)
+    # Stage I never touches the regression head, so DDP must allow parameters without gradients.
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    set_seed(config.seed)
+    if config.gradient_checkpointing:
+        model.vlm.activation_checkpointing_enable()
+    model.train()
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(train_set[0]) / (config.batch_size * accelerator.num_processes * config.grad_accum))
+    total_steps = max(1, steps_per_epoch * config.epochs)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    prepared_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    history, start_epoch, best = [], 0, -math.inf
+    if resume and (output_dir / "last" / STATE_DIR).is_dir():
+        accelerator.load_state(output_dir / "last" / STATE_DIR)
+        saved = json.loads((output_dir / "last" / PROGRESS_FILE).read_text())
+        history, start_epoch, best = saved["history"], saved["epoch"] + 1, saved["best_srcc"]
+        accelerator.print(f"resuming stage {config.stage} after epoch {saved['epoch'] + 1}")
+
+    for epoch in range(start_epoch, config.epochs):
+        started = time.perf_counter()
+        loader = accelerator.prepare(_loader(*train_set, spatial, config.batch_size, True, config.seed + epoch))
+        prepared_model.train()
+        losses = []
+        for batch, mos in tqdm(loader, desc=f"stage {config.stage} epoch {epoch + 1}/{config.epochs}",
+                               disable=not (progress and accelerator.is_local_main_process), leave=False):
+            with accelerator.accumulate(prepared_model):
+                loss = stage_loss(prepared_model(**batch), mos, model, config)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            losses.append(accelerator.gather(loss.detach()).mean().item())
+        record = {"epoch": epoch + 1, "loss": sum(losses) / len(losses), "seconds": time.perf_counter() - started}
+        if val_set is not None:
+            record.update(_validate(prepared_model, model, accelerator, val_set, spatial, config))
+        history.append(record)
+        accelerator.print(json.dumps(record))
+        # Without validation the last epoch counts as best; a NaN SRCC (constant predictions) never does.
+        improved = val_set is None or record["val_srcc"] > best
+        if improved and val_set is not None:
+            best = record["val_srcc"]
+        _checkpoint(accelerator, model, output_dir, epoch, history, best, improved)
+    accelerator.wait_for_everyone()
+    return {"history": history, "best_srcc": best, "output_dir": str(output_dir)}
+
+
+@torch.no_grad()
+def _validate(prepared_model, model, accelerator, val_set, spatial, config) -> dict:
+    prepared_model.eval()
+    loader = accelerator.prepare(_loader(*val_set, spatial, config.batch_size, False))
+    predicted, targets = [], []
+    for batch, mos in loader:
+        output = prepared_model(**batch)
+        value = output.score if config.stage == 2 else _expected_level_score(output.level_logits)
+        value, mos = accelerator.gather_for_metrics((value.float(), mos))
+        predicted += value.tolist()
+        targets += mos.tolist()
+    prepared_model.train()
+    return {"val_srcc": srcc(predicted, targets), "val_plcc": plcc(predicted, targets), "val_n": len(targets)}
+
+
+def _expected_level_score(level_logits: torch.Tensor) -> torch.Tensor:
+    """Stage I has no trained head yet: score by the level distribution (bin centres 10..90)."""
+    centres = torch.arange(10.0, 100.0, 20.0, device=level_logits.device)
+    return level_logits.float().softmax(-1) @ centres
+
+
+def _checkpoint(accelerator, model, output_dir: Path, epoch: int, history: list, best: float, improved: bool):
+    targets = ["last"] + (["best"] if improved else [])
+    for name in targets:
+        directory = output_dir / name
+        if accelerator.is_main_process:
+            model.save_pretrained(directory)
+            (directory / PROGRESS_FILE).write_text(json.dumps({"epoch": epoch, "history": history, "best_srcc": best}))
+        accelerator.wait_for_everyone()
+    accelerator.save_state(output_dir / "last" / STATE_DIR)

@@ -1,0 +1,123 @@
+import json
+
+import pytest
+import torch
+
+from fvq_plugin.cli import main
+from fvq_plugin.data import read_split
+from fvq_plugin.demo_data import SHORT_FRAMES
+from fvq_plugin.scoring import FeatureCache, Scorer, extract_features, split_features
+
+
+def corner_cases(demo_set):
+    meta = json.loads((demo_set / "meta.json").read_text())
+    return {video["name"]: video["corner_case"] for video in meta["videos"]}
+
+
+def test_every_demo_video_gets_all_streams_or_explicit_masks(demo_set, extractor, feature_cache):
+    features, mos, failures = split_features(demo_set, "test", extractor, feature_cache, progress=False)
+    records = read_split(demo_set, "test")
+    assert failures == [] and len(features) == len(records) == len(mos)
+    frames = extractor.config.num_frames
+    for record, item in zip(records, features):
+        assert item["frames"].shape == item["portraits"].shape == (frames, 3, 32, 32)
+        assert item["face_embeds"].shape == (frames, extractor.face_dim) and item["face_mask"].shape == (frames,)
+        assert item["person_mask"].shape == (frames,) and item["temporal"].shape == (2304,)
+        assert torch.all(item["face_embeds"][~item["face_mask"]] == 0)
+    kinds = corner_cases(demo_set)
+    by_name = {record.name: item for record, item in zip(records, features)}
+    assert {kinds[name] for name in by_name} >= {"no_face", "multi_face", "portrait", "short"}
+    for name, item in by_name.items():
+        if kinds[name] == "no_face":
+            assert not item["face_mask"].any(), name
+        if kinds[name] == "short":
+            assert item["info"]["n_frames"] == SHORT_FRAMES
+            assert item["info"]["repeated"] == (SHORT_FRAMES < frames)
+
+
+def test_cached_features_are_identical_and_keyed_by_configuration(demo_set, extractor, tmp_path):
+    paths = [r.path for r in read_split(demo_set, "val")][:3]
+    first = [i for batch in extract_features(paths, extractor, tmp_path, progress=False) for i in batch]
+    second = [i for batch in extract_features(paths, extractor, tmp_path, progress=False) for i in batch]
+    assert not any(i.cached for i in first) and all(i.cached for i in second)
+    for a, b in zip(first, second):
+        assert a.features["info"] == b.features["info"]
+        for name in ("frames", "portraits", "face_embeds", "face_mask", "temporal"):
+            assert torch.equal(a.features[name], b.features[name])
+    assert [p.name for p in tmp_path.iterdir()] == [extractor.key_digest()]
+    assert list(tmp_path.rglob("*.tmp")) == []  # writes are atomic: no leftovers
+
+
+def test_a_damaged_cache_file_is_recomputed(demo_set, extractor, tmp_path):
+    path = read_split(demo_set, "val")[0].path
+    list(extract_features([path], extractor, tmp_path, progress=False))
+    cache = FeatureCache(tmp_path, extractor.key_digest())
+    next(cache.directory.rglob("*.safetensors")).write_bytes(b"garbage")
+    [[item]] = list(extract_features([path], extractor, tmp_path, progress=False))
+    assert item.features is not None and not item.cached
+
+
+def test_failures_are_recorded_and_the_run_goes_on(demo_set, extractor, tmp_path):
+    good = [r.path for r in read_split(demo_set, "val")][:2]
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 100)
+    paths = [good[0], broken, tmp_path / "missing.mp4", good[1]]
+    items = [i for batch in extract_features(paths, extractor, tmp_path / "cache", batch_size=3, progress=False)
+             for i in batch]
+    assert [i.path for i in items] == [str(p) for p in paths]
+    assert [i.error is None for i in items] == [True, False, False, True]
+    assert "pyav" in items[1].error and "decord" in items[1].error  # each backend's reason
+    assert "No such file" in items[2].error
+
+
+def test_worker_processes_give_the_same_features(demo_set, extractor):
+    paths = [r.path for r in read_split(demo_set, "val")][:3]
+    serial = [i for batch in extract_features(paths, extractor, progress=False) for i in batch]
+    parallel = [i for batch in extract_features(paths, extractor, workers=2, batch_size=2, progress=False)
+                for i in batch]
+    for a, b in zip(serial, parallel):
+        assert torch.equal(a.features["frames"], b.features["frames"])
+        assert torch.allclose(a.features["temporal"], b.features["temporal"], atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def scorer(checkpoint, feature_cache):
+    return Scorer.from_pretrained(checkpoint, cache_dir=feature_cache)
+
+
+def test_scorer_resumes_an_interrupted_run(scorer, demo_set, tmp_path, monkeypatch):
+    paths = [r.path for r in read_split(demo_set, "test")][:4]
+    output = tmp_path / "results.jsonl"
+    first = scorer.score(paths[:2], output=output, progress=False)
+    with output.open("a") as file:
+        file.write('{"path": "cut sho')  # a run killed mid-line
+    scored = []
+    original = scorer.score_features
+    monkeypatch.setattr(scorer, "score_features", lambda f: scored.extend(f) or original(f))
+    results = scorer.score(paths, output=output, progress=False)
+    assert len(scored) == 2  # only the two videos missing from the file
+    assert results[:2] == first and [r["path"] for r in results] == [str(p) for p in paths]
+    lines = [json.loads(line) for line in output.read_text().splitlines()[:2] + output.read_text().splitlines()[3:]]
+    assert sorted(r["path"] for r in lines) == sorted(str(p) for p in paths)
+
+
+def test_scores_are_deterministic(scorer, demo_set):
+    paths = [r.path for r in read_split(demo_set, "test")][:3]
+    assert scorer.score(paths, progress=False) == scorer.score(paths, progress=False)
+
+
+def test_cli_score_and_eval(checkpoint, demo_set, capsys):
+    video = read_split(demo_set, "test")[0].path
+    assert main(["score", str(video), "--weights", str(checkpoint), "--json"]) == 0
+    [result] = json.loads(capsys.readouterr().out)
+    assert 0 <= result["score"] <= 100 and result["text"].startswith("The video quality is")
+    assert main(["eval", "--data", str(demo_set), "--weights", str(checkpoint), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(report) >= {"srcc", "plcc", "krcc", "rmse", "scored", "failed"} and report["failed"] == 0
+
+
+def test_cli_without_weights_says_how_to_get_them(monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("FVQ_RATER_WEIGHTS", raising=False)
+    assert main(["score", str(tmp_path / "x.mp4")]) == 2
+    error = capsys.readouterr().err
+    assert "FVQ_RATER_WEIGHTS" in error and "fvq-rater demo" in error
