@@ -1,0 +1,119 @@
+r"""FVQ-Rater as the pyiqa metric `fvq_rater`.
+
+Paper:
+    FVQ-20K / FVQ-Rater: "Face Video Quality assessment" (arXiv 2504.09255, ACM MM 2025).
+    FVQ-Rater rates a face video from 0 (bad) to 100 (excellent) with an InternVL LMM that reads
+    spatial frames, person-matted portrait frames, face identity embeddings and SlowFast motion.
+
+Re-implemented by the fvq-plugin authors (the paper's authors released weights, not code).
+
+Inputs (the metric is no-reference, higher is better):
+    a video path (or pathlib.Path), or a list of them     -> one score each, batched
+    an image path                                         -> a one-frame video
+    a float tensor [T,3,H,W] in [0,1]                     -> the T frames of ONE video
+    a float tensor [B,T,3,H,W] in [0,1]                   -> B videos
+
+Weights: an FVQ-Rater checkpoint folder, from `pretrained_model_path=` or env FVQ_RATER_WEIGHTS.
+The released weights (HF `Human-X/FVQ-Rater`) must first be converted with `fvq-rater convert`;
+nothing is downloaded.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .pyiqa_inputs import VideoPaths, install
+
+METRIC_NAME = "fvq_rater"
+WEIGHTS_ENV = "FVQ_RATER_WEIGHTS"
+DEFAULT_CONFIG = {
+    "metric_opts": {"type": "FVQRaterArch"},
+    "metric_mode": "NR",
+    "lower_better": False,
+    "score_range": "0, 100",
+}
+# No URL: the released checkpoint needs `fvq-rater convert` before it loads here.
+default_model_urls: dict[str, str] = {}
+
+
+class FVQRaterArch(nn.Module):
+    """FVQ-Rater network for pyiqa.
+
+    Args:
+        pretrained (bool): must stay True; FVQ-Rater has no meaningful random-weight mode.
+        pretrained_model_path (str): FVQ-Rater checkpoint folder (default: env FVQ_RATER_WEIGHTS).
+        batch_size (int): videos per forward when a list of paths is given.
+        dtype, device_map, attn_implementation: backbone loading options for large checkpoints.
+        face_models, temporal_weights, portrait_model: local model paths of the feature streams,
+            overriding those recorded in the checkpoint.
+    """
+
+    def __init__(self, pretrained: bool = True, pretrained_model_path: str | None = None, batch_size: int = 8,
+                 dtype=None, device_map=None, attn_implementation=None, face_models=None, temporal_weights=None,
+                 portrait_model=None):
+        super().__init__()
+        from ..scoring import Scorer
+
+        path = pretrained_model_path or os.environ.get(WEIGHTS_ENV)
+        if not pretrained or not path:
+            raise ValueError(
+                f"fvq_rater needs FVQ-Rater weights: pass pretrained_model_path=DIR to pyiqa.create_metric or set "
+                f"{WEIGHTS_ENV}=DIR. Make a checkpoint with `fvq-rater demo` (tiny, CPU) or `fvq-rater train`, or "
+                "convert the released weights with `fvq-rater convert`.")
+        overrides = {k: v for k, v in {"face_models": face_models, "temporal_weights": temporal_weights,
+                                       "portrait_model": portrait_model}.items() if v is not None}
+        self.scorer = Scorer.from_pretrained(path, dtype=dtype, device_map=device_map,
+                                             attn_implementation=attn_implementation, feature_overrides=overrides,
+                                             batch_size=batch_size)
+        # Submodules, so pyiqa's .to(device) moves the rater and SlowFast together.
+        self.rater = self.scorer.model
+        temporal = self.scorer.extractor.temporal
+        self.slowfast = temporal.model if temporal is not None else None
+
+    def prepare_inputs(self, target):
+        """Called by pyiqa's InferenceModel (see pyiqa_inputs) with the user's raw input."""
+        if isinstance(target, (str, os.PathLike)):
+            return VideoPaths([os.fspath(target)])
+        if isinstance(target, (list, tuple)) and target and all(isinstance(t, (str, os.PathLike)) for t in target):
+            return VideoPaths(os.fspath(t) for t in target)
+        if torch.is_tensor(target):
+            if target.dim() == 4:
+                target = target.unsqueeze(0)
+            if target.dim() != 5 or target.shape[2] != 3:
+                raise ValueError(f"fvq_rater takes frames [T,3,H,W] or videos [B,T,3,H,W], got {tuple(target.shape)}")
+            if target.min() < 0 or target.max() > 1:
+                raise ValueError("fvq_rater takes frames in [0, 1]")
+            return target
+        raise TypeError(f"fvq_rater takes a path, a list of paths or a frame tensor, got {type(target).__name__}")
+
+    def forward(self, videos) -> torch.Tensor:
+        from ..video import VideoReadError
+
+        device = next(self.rater.parameters()).device
+        if isinstance(videos, VideoPaths):
+            results = self.scorer.score(videos, progress=False)
+            failed = [r for r in results if "error" in r]
+            if failed:
+                raise VideoReadError(failed[0]["path"], failed[0]["error"])
+        else:
+            preparer = self.scorer.extractor.preparer
+            prepared = [preparer.from_frames(_uint8_frames(video)) for video in videos]
+            results = self.scorer.score_features(self.scorer.extractor.finish(prepared))
+        return torch.tensor([r["score"] for r in results], device=device)
+
+
+def _uint8_frames(frames: torch.Tensor):
+    """float [T,3,H,W] in [0,1] -> uint8 [T,H,W,3] numpy, as decoded video frames are."""
+    return (frames.detach().float() * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def register() -> None:
+    """Make `pyiqa.create_metric('fvq_rater')` and `pyiqa.list_models()` know FVQ-Rater."""
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS
+    from pyiqa.utils.registry import ARCH_REGISTRY
+
+    DEFAULT_CONFIGS.setdefault(METRIC_NAME, DEFAULT_CONFIG)
+    ARCH_REGISTRY.register(FVQRaterArch, override=True)
+    install()
