@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 DEMO_DIR = "fvq-demo"
+DEFAULT_VIDEOS = 400  # fvq_plugin.demo_data.DEFAULT_VIDEOS, without importing numpy/cv2 for --help
 
 
 def _make_demo_data(args) -> int:
@@ -186,13 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="build the demo face-video set and run the main job on it")
     demo.add_argument("--workdir", default=DEMO_DIR, help=f"where the demo writes (default ./{DEMO_DIR})")
-    demo.add_argument("--videos", type=int, default=200, help="demo set size (default 200)")
+    demo.add_argument("--videos", type=int, default=DEFAULT_VIDEOS, help=f"demo set size (default {DEFAULT_VIDEOS})")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
 
     make = commands.add_parser("make-demo-data", help="write an FVQ-20K-layout set of degraded face videos")
     make.add_argument("out", help="output directory (must be empty or absent)")
-    make.add_argument("--videos", type=int, default=200)
+    make.add_argument("--videos", type=int, default=DEFAULT_VIDEOS)
     make.add_argument("--seed", type=int, default=0)
     make.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     make.set_defaults(run=_make_demo_data)

@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .demo_data import DEFAULT_VIDEOS
 from .features import FeatureConfig, FeatureExtractor
 
 # Small enough for 2 CPU cores in minutes; everything else is the production code path.
@@ -20,7 +21,7 @@ DEMO_FEATURES = FeatureConfig(image_size=64, face_backend="yunet-sface", tempora
 
 @dataclass
 class DemoSettings:
-    videos: int = 200
+    videos: int = DEFAULT_VIDEOS
     seed: int = 0
     stage1_epochs: int = 4
     stage2_epochs: int = 12

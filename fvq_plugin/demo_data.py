@@ -44,6 +44,8 @@ from fvq_plugin.video import write_video
 
 BUILDER_VERSION = 1
 SPLIT_FRACTIONS = {"train": 0.80, "val": 0.05, "test": 0.15}
+# 400 videos: 320 to train on, 60 to test; a tiny rater generalises far better than from 160.
+DEFAULT_VIDEOS = 400
 DEFAULT_FRAMES = 48
 DEFAULT_SIZE = 160
 FPS = 24.0
@@ -406,7 +408,7 @@ def load_summary(out_dir, n_videos: int, seed: int) -> dict | None:
     return _summarize(videos, out_dir, seed, elapsed_s=None)
 
 
-def build_demo_set(out_dir, n_videos: int = 200, seed: int = 0, progress: bool = True, *,
+def build_demo_set(out_dir, n_videos: int = DEFAULT_VIDEOS, seed: int = 0, progress: bool = True, *,
                    frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE,
                    corner_cases_per_kind: int = 2, overwrite: bool = False) -> dict:
     """Write a synthetic FVQ-20K-layout demo set into `out_dir` and return its summary.

@@ -98,7 +98,9 @@ def train(model: FVQRater, spatial, train_set: tuple[list[dict], list[float]],
 
     output_dir = Path(output_dir)
     # Stage I never touches the regression head, so DDP must allow parameters without gradients.
-    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+    # Without CUDA, accelerate joins launched processes into one (gloo) group only when told cpu=True.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.grad_accum,
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     set_seed(config.seed)
     if config.gradient_checkpointing:

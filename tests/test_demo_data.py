@@ -182,3 +182,10 @@ def test_cli_builds_a_set_that_validates_cleanly(tmp_path, capsys):
     assert "0 problem(s)" in capsys.readouterr().out
     assert main(["make-demo-data", str(out_dir), "--videos", "60"]) == 2  # refuses a non-empty folder
     assert f"{out_dir} is not empty" in capsys.readouterr().err
+
+
+def test_cli_default_size_is_the_builder_default():
+    from fvq_plugin import cli
+
+    assert cli.DEFAULT_VIDEOS == demo_data.DEFAULT_VIDEOS
+    assert split_sizes(demo_data.DEFAULT_VIDEOS)["test"] >= 30

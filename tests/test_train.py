@@ -1,0 +1,99 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_rater
+
+from fvq_plugin import train as training
+from fvq_plugin.features import FeatureConfig
+from fvq_plugin.model import FVQRater
+from fvq_plugin.scoring import split_features
+from fvq_plugin.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def data(demo_set, extractor, feature_cache):
+    return (split_features(demo_set, "train", extractor, feature_cache, progress=False)[:2],
+            split_features(demo_set, "val", extractor, feature_cache, progress=False)[:2])
+
+
+def trained_state(model):
+    return {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k or not k.startswith("backbone.")}
+
+
+def test_stages_write_best_and_last_checkpoints(tmp_path, extractor, data):
+    model = tiny_rater(extractor)
+    result = train(model, extractor.preparer.spatial, *data, TrainConfig(stage=1, epochs=2, lr=1e-3), tmp_path,
+                   progress=False)
+    assert [r["epoch"] for r in result["history"]] == [1, 2]
+    assert all({"loss", "val_srcc", "val_plcc", "seconds"} <= set(r) for r in result["history"])
+    for name in ("best", "last"):
+        recorded = FVQRater.from_pretrained(tmp_path / name).config.features
+        assert FeatureConfig.from_dict(recorded) == extractor.config
+    assert (tmp_path / "last" / training.STATE_DIR).is_dir()
+
+
+def test_stage_two_trains_the_head_and_stage_one_does_not(extractor, data, tmp_path):
+    model = tiny_rater(extractor)
+    head = model.score_head[2].weight.clone()
+    train(model, extractor.preparer.spatial, *data, TrainConfig(stage=1, epochs=1, lr=1e-3), tmp_path / "1",
+          progress=False)
+    assert torch.equal(model.score_head[2].weight, head)
+    train(model, extractor.preparer.spatial, *data, TrainConfig(stage=2, epochs=1, lr=1e-3), tmp_path / "2",
+          progress=False)
+    assert not torch.equal(model.score_head[2].weight, head)
+
+
+def test_resuming_an_interrupted_run_gives_identical_results(tmp_path, extractor, data, monkeypatch):
+    config = TrainConfig(stage=2, epochs=2, lr=1e-3, batch_size=4)
+    whole = tiny_rater(extractor)
+    train(whole, extractor.preparer.spatial, *data, config, tmp_path / "whole", progress=False)
+
+    original = training._checkpoint
+
+    def interrupt_after_first_epoch(*args, **kwargs):
+        original(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "_checkpoint", interrupt_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_rater(extractor), extractor.preparer.spatial, *data, config, tmp_path / "cut", progress=False)
+    monkeypatch.setattr(training, "_checkpoint", original)
+    resumed = tiny_rater(extractor)
+    result = train(resumed, extractor.preparer.spatial, *data, config, tmp_path / "cut", resume=True, progress=False)
+    assert [r["epoch"] for r in result["history"]] == [1, 2]
+    expected, actual = trained_state(whole), trained_state(resumed)
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_cpu_processes_train_together(tmp_path, demo_set, feature_cache, checkpoint):
+    # `checkpoint` has filled the feature cache, so both ranks read features instead of computing them.
+    script = Path(__file__).with_name("two_process_train.py")
+    # accelerate 1.15's `--cpu` launches a single process unless MPI is set up; its torchrun launcher
+    # (--multi_gpu) starts both, and on a machine without CUDA the trainer joins them over gloo.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               str(script), str(demo_set), str(feature_cache), str(tmp_path / "out")]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    ranks = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"rank"')]
+    assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["world"] == 2 for r in ranks)
+    # Validation gathers both ranks' shards: every validation video is counted once.
+    assert all(r["val_n"] == len(data_val_names(demo_set)) for r in ranks)
+    assert FVQRater.from_pretrained(tmp_path / "out" / "last").config.num_frames == 4
+
+
+def data_val_names(demo_set):
+    return (demo_set / "val" / "labels.txt").read_text().split()
