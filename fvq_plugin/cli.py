@@ -151,6 +151,24 @@ def _convert(args) -> int:
     return main_convert(args.src, args.dst, args.map or [], allow_unmatched=args.allow_unmatched)
 
 
+def _bench(args) -> int:
+    from . import bench
+
+    if args.stage == "features":
+        from .features import FeatureConfig
+
+        config = FeatureConfig.from_dict({"temporal_random": True, "image_size": args.image_size,
+                                          **_feature_overrides(args)})
+        result = bench.bench_features(config, videos=args.videos, device=args.device)
+        print(bench.format_features(result))
+    else:
+        result = bench.bench_model(args.size, device=args.device)
+        print(bench.format_model(result))
+    bench.save(result, args.out)
+    print(f"saved {args.out}")
+    return 0
+
+
 def _demo(args) -> int:
     """The main job on the embedded default (see fvq_plugin.demo)."""
     from .demo import DemoSettings, run_demo
@@ -263,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--allow-unmatched", action="store_true",
                          help="write even if some release keys are unused (the report lists them)")
     convert.set_defaults(run=_convert)
+
+    benchmark = commands.add_parser("bench", help="time the feature and model stages (ratios from one run)")
+    benchmark.add_argument("--stage", choices=["features", "model"], required=True)
+    benchmark.add_argument("--size", default="tiny", choices=["tiny", "internvl2-1b", "internvl2-8b"],
+                           help="model stage: backbone size (random weights; the large ones need --device cuda)")
+    benchmark.add_argument("--videos", type=int, default=4, help="features stage: videos per measurement")
+    benchmark.add_argument("--image-size", type=int, default=448)
+    benchmark.add_argument("--device", default="cpu")
+    benchmark.add_argument("--out", default="bench.json", help="where the JSON results go")
+    _add_feature_args(benchmark)
+    benchmark.set_defaults(run=_bench)
     return parser
 
 

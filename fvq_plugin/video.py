@@ -55,10 +55,11 @@ class Clip:
 
 
 def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: float = 24.0,
-                bit_rate: int | None = None, crf: int | None = None) -> None:
+                bit_rate: int | None = None, crf: int | None = None, keyframe_interval: int | None = None) -> None:
     """Encode RGB uint8 frames [H,W,3] as H.264 (yuv420p) into an mp4 file.
 
     `bit_rate` (bits/s) or `crf` control quality; neither gives x264's default (crf 23).
+    `keyframe_interval` (frames) defaults to x264's 250.
     The same frames always give the same bytes: x264 runs single-threaded and without its
     macroblock-tree look-ahead, which reads uninitialised memory and made outputs differ.
     """
@@ -75,6 +76,8 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
         options = {"threads": "1", "x264-params": "no-mbtree=1"}
         if crf is not None:
             options["crf"] = str(crf)
+        if keyframe_interval is not None:
+            options["g"] = str(keyframe_interval)
         if bit_rate is not None:
             stream.bit_rate = int(bit_rate)
         stream.options = options

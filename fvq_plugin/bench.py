@@ -1,0 +1,173 @@
+"""`fvq-rater bench`: where the time goes, as ratios measured within one run.
+
+--stage features: decode of 8 sampled frames vs the whole 300-frame clip, per-stream time per
+video, and a cached vs uncached pipeline run.
+--stage model: rater throughput at batch 1 vs batch 8 and peak memory, for the tiny config on
+CPU or random InternVL2-1B/8B-sized configs (bf16, GPU).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def _timed(function, repeats: int = 3) -> float:
+    """Median seconds of `repeats` calls (the first call warms caches and is not counted)."""
+    function()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _face_clip(path: Path, frames: int, seed: int, size=(640, 360)) -> Path:
+    """A panning crop over scikit-image's astronaut, H.264 with a keyframe every 2 s (as web video)."""
+    import cv2
+    from skimage import data
+
+    from .video import write_video
+
+    image = data.astronaut()
+    rng = np.random.default_rng(seed)
+    width, height = size
+    crop_w, crop_h = 320, 180
+    x0, y0 = rng.integers(0, image.shape[1] - crop_w, 2), rng.integers(0, image.shape[0] - crop_h, 2)
+    steps = np.linspace(0, 1, frames)[:, None]
+    corners = np.round(np.array([x0[0], y0[0]]) * (1 - steps) + np.array([x0[1], y0[1]]) * steps).astype(int)
+    clips = (cv2.resize(image[y:y + crop_h, x:x + crop_w], (width, height)) for x, y in corners)
+    write_video(path, clips, fps=24, keyframe_interval=48)
+    return path
+
+
+def bench_features(config=None, videos: int = 4, device: str = "cpu") -> dict:
+    from .features import FeatureConfig, FeatureExtractor
+    from .scoring import extract_features
+    from .video import dense_clip, sample_frames
+
+    config = config or FeatureConfig(temporal_random=True)
+    extractor = FeatureExtractor(config, device=device)
+    preparer = extractor.preparer
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        long_clip = _face_clip(scratch / "long.mp4", 300, seed=0)
+        sampled = _timed(lambda: sample_frames(long_clip, config.num_frames))
+        full = _timed(lambda: sample_frames(long_clip, 300))
+        clips = [_face_clip(scratch / f"clip{i}.mp4", 96, seed=i + 1) for i in range(videos)]
+        frames = [sample_frames(c, config.num_frames).frames for c in clips]
+        stages = {"decode": _timed(lambda: [sample_frames(c, config.num_frames) for c in clips]) / videos,
+                  "spatial": _timed(lambda: [preparer.spatial(f) for f in frames]) / videos}
+        if preparer.portrait is not None:
+            stages["portrait"] = _timed(lambda: [preparer.portrait(f) for f in frames]) / videos
+        if preparer.face is not None:
+            stages["face"] = _timed(lambda: [preparer.face(f) for f in frames]) / videos
+        if extractor.temporal is not None:
+            def temporal():
+                dense = [dense_clip(c, config.temporal_frames, config.temporal_size).frames for c in clips]
+                extractor.temporal(torch.stack([preparer.clip_preprocess(d) for d in dense]))
+            stages["temporal"] = _timed(temporal, repeats=1) / videos
+
+        def pipeline(cache):
+            for _ in extract_features(clips, extractor, cache, batch_size=videos, progress=False):
+                pass
+        uncached = _timed(lambda: pipeline(None), repeats=1)
+        cache = scratch / "cache"
+        pipeline(cache)
+        cached = _timed(lambda: pipeline(cache))
+    return {"config": config.to_dict(), "videos": videos,
+            "decode_300_frames_s": full, "decode_sampled_s": sampled, "sampled_over_full": sampled / full,
+            "per_video_s": stages, "pipeline_uncached_s": uncached, "pipeline_cached_s": cached,
+            "cached_over_uncached": cached / uncached}
+
+
+def real_size_backbone(name: str, tokenizer):
+    """Random InternVL2-1B / InternVL2-8B-shaped configs (InternViT-300M + Qwen2-0.5B / InternLM2-7B)."""
+    from transformers import InternVLConfig, InternVLVisionConfig, LlamaConfig, Qwen2Config
+
+    vision = InternVLVisionConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
+                                  intermediate_size=4096, image_size=448, patch_size=14)
+    if name == "internvl2-1b":
+        text = Qwen2Config(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                           intermediate_size=4864, vocab_size=151655)
+    elif name == "internvl2-8b":
+        text = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                           intermediate_size=14336, vocab_size=92553)
+    else:
+        raise ValueError(f"unknown backbone size {name!r}; expected tiny, internvl2-1b or internvl2-8b")
+    return InternVLConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.context_image_token_id,
+                          downsample_ratio=0.5, tie_word_embeddings=False)
+
+
+def bench_model(size: str = "tiny", device: str = "cpu", dtype=None, batches=(1, 8), repeats: int = 3) -> dict:
+    from .model import FVQRater, FVQRaterConfig
+    from .tiny import tiny_backbone_config, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    backbone = tiny_backbone_config(tokenizer) if size == "tiny" else real_size_backbone(size, tokenizer)
+    dtype = dtype or (torch.float32 if size == "tiny" else torch.bfloat16)
+    if size != "tiny" and not str(device).startswith("cuda"):
+        raise ValueError(f"the {size} configuration needs a GPU (--device cuda)")
+    with torch.device(device):
+        model = FVQRater.random(FVQRaterConfig(face_dim=512), backbone, tokenizer).to(dtype).eval()
+    height, width = model.image_size
+    frames = model.config.num_frames
+    results = {}
+    for batch in batches:
+        inputs = {"pixel_values": torch.randn(batch, frames, 3, height, width, device=device, dtype=dtype),
+                  "portrait_values": torch.randn(batch, frames, 3, height, width, device=device, dtype=dtype),
+                  "face_embeds": torch.randn(batch, frames, 512, device=device),
+                  "face_mask": torch.ones(batch, frames, dtype=torch.bool, device=device),
+                  "temporal": torch.randn(batch, 2304, device=device)}
+        if str(device).startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+
+        def forward():
+            with torch.no_grad():
+                model(**inputs)
+            if str(device).startswith("cuda"):
+                torch.cuda.synchronize()
+        seconds = _timed(forward, repeats)
+        results[batch] = {"seconds": seconds, "videos_per_s": batch / seconds,
+                          "peak_memory_mb": _peak_memory_mb(device)}
+    first, last = batches[0], batches[-1]
+    return {"size": size, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+            "prompt_tokens": int(model.prompt_ids.numel()), "batches": results,
+            f"throughput_b{last}_over_b{first}": results[last]["videos_per_s"] / results[first]["videos_per_s"]}
+
+
+def _peak_memory_mb(device) -> float:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the whole process so far
+
+
+def format_features(result: dict) -> str:
+    rows = ["stage        s/video"] + [f"{k:<12} {v:7.4f}" for k, v in result["per_video_s"].items()]
+    rows += [f"decode 8 sampled frames / whole 300-frame clip: {result['decode_sampled_s']:.4f} / "
+             f"{result['decode_300_frames_s']:.4f} s = {result['sampled_over_full']:.3f}",
+             f"pipeline cached / uncached ({result['videos']} videos): {result['pipeline_cached_s']:.4f} / "
+             f"{result['pipeline_uncached_s']:.4f} s = {result['cached_over_uncached']:.4f}"]
+    return "\n".join(rows)
+
+
+def format_model(result: dict) -> str:
+    rows = [f"{result['size']} on {result['device']} ({result['dtype']}, {result['prompt_tokens']} prompt tokens)",
+            "batch  s/forward  videos/s  peak MB"]
+    rows += [f"{b:>5}  {r['seconds']:9.4f}  {r['videos_per_s']:8.2f}  {r['peak_memory_mb']:7.0f}"
+             for b, r in result["batches"].items()]
+    ratio = next(k for k in result if k.startswith("throughput_"))
+    rows.append(f"{ratio.replace('_', ' ')}: {result[ratio]:.2f}")
+    return "\n".join(rows)
+
+
+def save(result: dict, path) -> None:
+    Path(path).write_text(json.dumps(result, indent=2, default=str))
