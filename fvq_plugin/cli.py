@@ -109,6 +109,7 @@ def _train(args) -> int:
     from .features import FeatureConfig, FeatureExtractor
     from .model import FVQRater, FVQRaterConfig, LoraSettings, load_backbone
     from .scoring import split_features
+    from .tiny import tiny_rater
     from .train import TrainConfig, train
 
     if args.init:
@@ -117,23 +118,20 @@ def _train(args) -> int:
         extractor = FeatureExtractor(features, device=args.device)
     else:
         lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha)
+        vlm = tokenizer = None
+        image_size = 64  # the tiny random backbone's
         if args.backbone:
             vlm, tokenizer = load_backbone(args.backbone, dtype=_dtype(args.dtype), attn_implementation=args.attn)
             image_size = vlm.config.vision_config.image_size
-        else:
-            from .tiny import tiny_backbone_config, tiny_tokenizer
-
-            tokenizer, image_size = tiny_tokenizer(), 64
-            vlm = None
-        image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
+            image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
         features = FeatureConfig.from_dict({"image_size": image_size, "num_frames": args.frames,
                                             **_feature_overrides(args)})
         extractor = FeatureExtractor(features, device=args.device)
-        config = FVQRaterConfig(num_frames=args.frames, face_dim=extractor.face_dim, lora=lora,
-                                features=features.to_dict())
         if vlm is None:
-            model = FVQRater.random(config, tiny_backbone_config(tokenizer, image_size=image_size), tokenizer, args.seed)
+            model = tiny_rater(extractor, args.seed, lora=lora)
         else:
+            config = FVQRaterConfig(num_frames=args.frames, face_dim=extractor.face_dim, lora=lora,
+                                    features=features.to_dict())
             model = FVQRater.create(config, vlm, tokenizer, base_path=args.backbone)
     train_set = split_features(args.data, "train", extractor, args.cache, args.batch_size, args.workers)
     val_set = split_features(args.data, "val", extractor, args.cache, args.batch_size, args.workers)
@@ -303,7 +301,8 @@ def main(argv=None) -> int:
 
     try:
         return args.run(args)
-    except (DatasetError, VideoReadError, CheckpointError, FileExistsError, FileNotFoundError) as error:
+    # Problems with the user's input or files: one clear line, no traceback.
+    except (DatasetError, VideoReadError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"fvq-rater {args.command}: error: {error}", file=sys.stderr)
         return 2
 

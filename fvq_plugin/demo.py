@@ -29,24 +29,19 @@ class DemoSettings:
     lr: float = 1e-3
 
 
-def tiny_rater(extractor: FeatureExtractor, seed: int = 0):
-    from .model import FVQRater, FVQRaterConfig
-    from .tiny import tiny_backbone_config, tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    config = FVQRaterConfig(num_frames=extractor.config.num_frames, face_dim=extractor.face_dim,
-                            features=extractor.config.to_dict())
-    return FVQRater.random(config, tiny_backbone_config(tokenizer, image_size=extractor.config.image_size),
-                           tokenizer, seed=seed)
-
-
-def run_demo(workdir, settings: DemoSettings = DemoSettings(), progress: bool = True, log=print) -> dict:
+def run_demo(workdir, settings: DemoSettings | None = None, progress: bool = True, log=print) -> dict:
     from .data import validate
     from .demo_data import build_demo_set, format_summary, load_summary
     from .model import FVQRater
     from .scoring import Scorer, evaluate, split_features
+    from .tiny import tiny_rater
     from .train import TrainConfig, train
 
+    from transformers.utils import logging as transformers_logging
+
+    # One bar per checkpoint write would bury the demo's own output.
+    transformers_logging.disable_progress_bar()
+    settings = settings or DemoSettings()
     started = time.perf_counter()
     workdir = Path(workdir)
     data_dir, cache_dir = workdir / "data", workdir / "feature-cache"

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -114,6 +116,14 @@ def vision_tokens_per_image(vlm_config) -> int:
     return round((height // patch_h) * (width // patch_w) * vlm_config.downsample_ratio ** 2)
 
 
+@contextmanager
+def _peft_quietly():
+    """peft 0.21 asks transformers 5 for `is_gradient_checkpointing`, which warns that it is deprecated."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
 def _pair(value):
     return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
 
@@ -157,8 +167,9 @@ class FVQRater(nn.Module):
             from peft import LoraConfig, get_peft_model
 
             lora = config.lora
-            vlm = get_peft_model(vlm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                                                 target_modules=lora.target_modules()))
+            with _peft_quietly():
+                vlm = get_peft_model(vlm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                     target_modules=lora.target_modules()))
         return cls(config, vlm, tokenizer, base_path)
 
     @classmethod
@@ -383,7 +394,8 @@ class FVQRater(nn.Module):
         if (directory / ADAPTER_DIR).is_dir():
             from peft import PeftModel
 
-            backbone = PeftModel.from_pretrained(vlm, directory / ADAPTER_DIR, is_trainable=trainable)
+            with _peft_quietly():
+                backbone = PeftModel.from_pretrained(vlm, directory / ADAPTER_DIR, is_trainable=trainable)
         model = cls(config, backbone, tokenizer, base_path=base_path)
         heads = load_file(directory / HEADS_FILE)
         problems = model.load_state_dict(heads, strict=False)

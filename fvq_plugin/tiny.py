@@ -45,3 +45,14 @@ def tiny_backbone_config(tokenizer=None, image_size: int = 64, patch_size: int =
                           vision_feature_select_strategy="default", projector_hidden_act="gelu",
                           # like the released InternVL2.5/3 checkpoints: a separate lm_head
                           tie_word_embeddings=False)
+
+
+def tiny_rater(extractor, seed: int = 0, **config):
+    """A tiny random FVQ-Rater matched to `extractor` (frame count, image size, face width)."""
+    from .model import FVQRater, FVQRaterConfig
+
+    tokenizer = tiny_tokenizer()
+    rater_config = FVQRaterConfig(num_frames=extractor.config.num_frames, face_dim=extractor.face_dim,
+                                  features=extractor.config.to_dict(), **config)
+    return FVQRater.random(rater_config, tiny_backbone_config(tokenizer, image_size=extractor.config.image_size),
+                           tokenizer, seed=seed)

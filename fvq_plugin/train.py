@@ -126,7 +126,9 @@ def train(model: FVQRater, spatial, train_set: tuple[list[dict], list[float]],
         prepared_model.train()
         losses = []
         for batch, mos in tqdm(loader, desc=f"stage {config.stage} epoch {epoch + 1}/{config.epochs}",
-                               disable=not (progress and accelerator.is_local_main_process), leave=False):
+                               # None: tqdm stays quiet when stderr is not a terminal (CI logs)
+                               disable=None if progress and accelerator.is_local_main_process else True,
+                               leave=False):
             with accelerator.accumulate(prepared_model):
                 loss = stage_loss(prepared_model(**batch), mos, model, config)
                 accelerator.backward(loss)

@@ -44,7 +44,8 @@ def _undefined(pred, mos, name):
 
 
 def _logistic4(x, b1, b2, b3, b4):
-    return (b1 - b2) / (1.0 + np.exp(-(x - b3) / np.abs(b4))) + b2
+    with np.errstate(over="ignore"):  # exp overflowing to inf gives the right limit, b2
+        return (b1 - b2) / (1.0 + np.exp(-(x - b3) / np.abs(b4))) + b2
 
 
 def logistic_fit(pred, mos):

@@ -36,21 +36,11 @@ def feature_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("feature-cache")
 
 
-def tiny_rater(extractor, seed=0, **config):
-    from fvq_plugin.model import FVQRater, FVQRaterConfig
-    from fvq_plugin.tiny import tiny_backbone_config, tiny_tokenizer
-
-    tokenizer = tiny_tokenizer()
-    rater_config = FVQRaterConfig(num_frames=extractor.config.num_frames, face_dim=extractor.face_dim,
-                                  features=extractor.config.to_dict(), **config)
-    return FVQRater.random(rater_config, tiny_backbone_config(tokenizer, image_size=extractor.config.image_size),
-                           tokenizer, seed=seed)
-
-
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory, demo_set, extractor, feature_cache):
     """A tiny FVQ-Rater trained through both stages on the demo set (once per test session)."""
     from fvq_plugin.scoring import split_features
+    from fvq_plugin.tiny import tiny_rater
     from fvq_plugin.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("trained")

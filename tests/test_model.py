@@ -1,9 +1,9 @@
 import pytest
 import torch
-from conftest import tiny_rater
 
 from fvq_plugin.model import (LEVELS, STREAMS, CheckpointError, FVQRater, FVQRaterConfig, LoraSettings, answer_text,
                               level_index)
+from fvq_plugin.tiny import tiny_rater
 
 
 def random_batch(model, batch=2, seed=0):

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_rater
 
 from fvq_plugin import train as training
 from fvq_plugin.features import FeatureConfig
 from fvq_plugin.model import FVQRater
 from fvq_plugin.scoring import split_features
+from fvq_plugin.tiny import tiny_rater
 from fvq_plugin.train import TrainConfig, train
 
 

@@ -1,15 +1,16 @@
-"""Run by tests/test_train.py under `accelerate launch --num_processes 2 --cpu`."""
+"""Run by tests/test_train.py under `accelerate launch --multi_gpu --num_processes 2` on CPU."""
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import TINY_FEATURES, tiny_rater  # noqa: E402
+from conftest import TINY_FEATURES  # noqa: E402
 
 from accelerate import PartialState  # noqa: E402
 
 from fvq_plugin.features import FeatureConfig, FeatureExtractor  # noqa: E402
 from fvq_plugin.scoring import split_features  # noqa: E402
+from fvq_plugin.tiny import tiny_rater  # noqa: E402
 from fvq_plugin.train import TrainConfig, train  # noqa: E402
 
 data, cache, out = sys.argv[1:4]

@@ -24,7 +24,7 @@ class SpatialFeatures:
 
     def resize(self, frames) -> torch.Tensor:
         """uint8 [N,H,W,3] (numpy or torch) -> uint8 [N,3,S,S]."""
-        frames = torch.as_tensor(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)
+        frames = torch.as_tensor(np.require(frames, requirements=["C", "W"])).permute(0, 3, 1, 2)
         return F.resize(frames, [self.image_size, self.image_size], interpolation=InterpolationMode.BICUBIC,
                         antialias=True)
 
