@@ -67,6 +67,7 @@ def _scorer(args):
 
 def _score(args) -> int:
     results = _scorer(args).score(args.paths, output=args.output, progress=not args.json)
+    _maybe_csv(results, args.csv)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -76,10 +77,18 @@ def _score(args) -> int:
     return 1 if any("error" in r for r in results) else 0
 
 
+def _maybe_csv(results, path):
+    if path:
+        from .scoring import write_csv
+
+        write_csv(results, path)
+
+
 def _eval(args) -> int:
     from .scoring import evaluate
 
     report, results = evaluate(_scorer(args), args.data, args.split, output=args.output)
+    _maybe_csv(results, args.csv)
     for result in results:
         if "error" in result:
             print(f"failed: {result['path']}: {result['error']}")
@@ -224,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("paths", nargs="+")
     score.add_argument("--json", action="store_true", help="print results as JSON")
     score.add_argument("--output", help="append results to this .jsonl file; an interrupted run resumes from it")
+    score.add_argument("--csv", help="also write the results as CSV")
     _add_runtime_args(score)
     _add_feature_args(score)
     score.set_defaults(run=_score)
@@ -233,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluation.add_argument("--json", action="store_true")
     evaluation.add_argument("--output", help="per-video results (.jsonl), resumable")
+    evaluation.add_argument("--csv", help="also write the per-video results as CSV")
     _add_runtime_args(evaluation)
     _add_feature_args(evaluation)
     evaluation.set_defaults(run=_eval)

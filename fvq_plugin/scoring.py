@@ -259,3 +259,16 @@ def evaluate(scorer: Scorer, root, split: str = "test", output=None, progress: b
     report = correlation_report([r["score"] for r in scored], [r["mos"] for r in scored])
     report.update(scored=len(scored), failed=len(results) - len(scored), split=split)
     return report, results
+
+
+CSV_FIELDS = ("path", "score", "level", "mos", "error")
+
+
+def write_csv(results: list[dict], path) -> None:
+    """One row per video: path, score, level, MOS (when known) and the error of a failed video."""
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.DictWriter(file, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)

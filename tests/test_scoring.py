@@ -1,3 +1,4 @@
+import csv
 import json
 
 import pytest
@@ -106,14 +107,25 @@ def test_scores_are_deterministic(scorer, demo_set):
     assert scorer.score(paths, progress=False) == scorer.score(paths, progress=False)
 
 
-def test_cli_score_and_eval(checkpoint, demo_set, capsys):
+def test_cli_score_and_eval(checkpoint, demo_set, capsys, tmp_path):
     video = read_split(demo_set, "test")[0].path
     assert main(["score", str(video), "--weights", str(checkpoint), "--json"]) == 0
     [result] = json.loads(capsys.readouterr().out)
     assert 0 <= result["score"] <= 100 and result["text"].startswith("The video quality is")
-    assert main(["eval", "--data", str(demo_set), "--weights", str(checkpoint), "--json"]) == 0
+    table = tmp_path / "test.csv"
+    assert main(["eval", "--data", str(demo_set), "--weights", str(checkpoint), "--json", "--csv", str(table)]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert set(report) >= {"srcc", "plcc", "krcc", "rmse", "scored", "failed"} and report["failed"] == 0
+    rows = list(csv.DictReader(table.open()))
+    assert len(rows) == report["scored"] and set(rows[0]) == {"path", "score", "level", "mos", "error"}
+    assert float(rows[0]["score"]) >= 0 and rows[0]["error"] == ""
+
+
+def test_cli_features_precomputes_a_split(demo_set, tmp_path, capsys):
+    assert main(["features", str(demo_set), "--split", "val", "--out", str(tmp_path), "--image-size", "32",
+                 "--temporal-random"]) == 0
+    assert "features cached in" in capsys.readouterr().out
+    assert len(list(tmp_path.rglob("*.safetensors"))) == len(read_split(demo_set, "val"))
 
 
 def test_cli_without_weights_says_how_to_get_them(monkeypatch, capsys, tmp_path):

@@ -97,3 +97,15 @@ def test_two_cpu_processes_train_together(tmp_path, demo_set, feature_cache, che
 
 def data_val_names(demo_set):
     return (demo_set / "val" / "labels.txt").read_text().split()
+
+
+def test_gradient_checkpointing_trains_the_same_parameters(tmp_path, extractor, data):
+    model = tiny_rater(extractor)
+    before = trained_state(model)
+    train(model, extractor.preparer.spatial, *data, TrainConfig(stage=2, epochs=1, lr=1e-3, gradient_checkpointing=True),
+          tmp_path, progress=False)
+    assert model.vlm.is_activation_checkpointing
+    after = trained_state(model)
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("lora_B" in k and "vision_tower" in k for k in changed)
+    assert any("lora_B" in k and "language_model" in k for k in changed) and "score_head.2.weight" in changed

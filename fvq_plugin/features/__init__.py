@@ -151,9 +151,6 @@ class FeatureExtractor:
                 item["temporal"] = feature
         return prepared
 
-    def __call__(self, paths) -> list[dict]:
-        return self.finish([self.preparer(p) for p in paths])
-
 
 def model_inputs(features: list[dict], spatial: SpatialFeatures, device="cpu", dtype=torch.float32) -> dict:
     """Stack per-video features into the keyword arguments of FVQRater.forward."""
