@@ -194,6 +194,12 @@ def _add_feature_args(parser):
     group.add_argument("--temporal-random", action="store_true", help="random SlowFast weights (testing only)")
 
 
+def _add_output_args(parser):
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--output", help="append per-video results to this .jsonl file; an interrupted run resumes")
+    parser.add_argument("--csv", help="also write the per-video results as CSV")
+
+
 def _add_runtime_args(parser, weights=True):
     if weights:
         parser.add_argument("--weights", help=f"FVQ-Rater checkpoint folder (default: env {WEIGHTS_ENV})")
@@ -231,9 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser("score", help="score videos (or images) with an FVQ-Rater checkpoint")
     score.add_argument("paths", nargs="+")
-    score.add_argument("--json", action="store_true", help="print results as JSON")
-    score.add_argument("--output", help="append results to this .jsonl file; an interrupted run resumes from it")
-    score.add_argument("--csv", help="also write the results as CSV")
+    _add_output_args(score)
     _add_runtime_args(score)
     _add_feature_args(score)
     score.set_defaults(run=_score)
@@ -241,9 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation = commands.add_parser("eval", help="SRCC/PLCC/KRCC/RMSE on a dataset split")
     evaluation.add_argument("--data", required=True, help="FVQ-20K-layout root")
     evaluation.add_argument("--split", default="test", choices=["train", "val", "test"])
-    evaluation.add_argument("--json", action="store_true")
-    evaluation.add_argument("--output", help="per-video results (.jsonl), resumable")
-    evaluation.add_argument("--csv", help="also write the per-video results as CSV")
+    _add_output_args(evaluation)
     _add_runtime_args(evaluation)
     _add_feature_args(evaluation)
     evaluation.set_defaults(run=_eval)

@@ -289,16 +289,15 @@ class FVQRater(nn.Module):
         if missing or ("face" in self.config.streams and face_mask is None):
             raise ValueError(f"this FVQ-Rater needs the streams {self.config.streams}; missing: {missing or ['face_mask']}")
         tokens = {}
-        frames = [v for s, v in (("spatial", pixel_values), ("portrait", portrait_values)) if s in self.config.streams]
-        if frames:
+        image_streams = [s for s in ("spatial", "portrait") if s in self.config.streams]
+        if image_streams:
             # One vision-tower pass over spatial and portrait frames together.
-            batch, count = frames[0].shape[:2]
-            images = torch.cat([f.flatten(0, 1) for f in frames])
-            vision = self.vlm.model.get_image_features(pixel_values=images.to(self._vision_dtype)).pooler_output
-            for stream, part in zip((s for s in ("spatial", "portrait") if s in self.config.streams),
-                                    vision.split(batch * count)):
+            batch, count = given[image_streams[0]].shape[:2]
+            images = torch.cat([given[s].flatten(0, 1) for s in image_streams]).to(self._vision_dtype)
+            vision = self.vlm.model.get_image_features(pixel_values=images).pooler_output
+            for stream, part in zip(image_streams, vision.split(batch * count)):
                 part = part.reshape(batch, -1, part.shape[-1])
-                tokens[stream] = self.projectors[stream](part) if stream in self.projectors else part
+                tokens[stream] = self._project(stream, part) if stream in self.projectors else part
         if "face" in self.config.streams:
             projected = self._project("face", face_embeds)
             tokens["face"] = torch.where(face_mask.to(projected.device).bool().unsqueeze(-1), projected,

@@ -176,9 +176,10 @@ class Scorer:
         batch = model_inputs(features, self.extractor.preparer.spatial, self.device, self.model._vision_dtype)
         return self.model.predict(**batch)
 
-    def score_frames(self, frames) -> dict:
-        """One in-memory video, uint8 [T,H,W,3]."""
-        return self.score_features(self.extractor.finish([self.extractor.preparer.from_frames(frames)]))[0]
+    def score_frames(self, videos) -> list[dict]:
+        """In-memory videos, each uint8 frames [T,H,W,3] (an image is T=1), scored in one batch."""
+        prepared = [self.extractor.preparer.from_frames(frames) for frames in videos]
+        return self.score_features(self.extractor.finish(prepared))
 
     def score(self, paths, output=None, progress: bool = True) -> list[dict]:
         """One result per path: {path, score, level, text, ...} or {path, error}.

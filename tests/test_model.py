@@ -132,3 +132,13 @@ def test_config_rejects_unknown_streams_and_fields():
         FVQRaterConfig(streams=("spatial", "audio"))
     with pytest.raises(CheckpointError, match="unknown"):
         FVQRaterConfig.from_dict({"streams": ["spatial"], "colour": "red"})
+
+
+def test_a_bfloat16_backbone_works_with_float32_heads(tmp_path, extractor):
+    model = tiny_rater(extractor)
+    perturb_trainable(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    loaded = FVQRater.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
+    assert loaded.vlm.dtype == torch.bfloat16 and loaded.score_head[0].weight.dtype == torch.float32
+    result = loaded.predict(**random_batch(loaded))
+    assert len(result) == 2 and all(0 <= r["score"] <= 100 for r in result)

@@ -98,9 +98,7 @@ class FVQRaterArch(nn.Module):
             if failed:
                 raise VideoReadError(failed[0]["path"], failed[0]["error"])
         else:
-            preparer = self.scorer.extractor.preparer
-            prepared = [preparer.from_frames(_uint8_frames(video)) for video in videos]
-            results = self.scorer.score_features(self.scorer.extractor.finish(prepared))
+            results = self.scorer.score_frames([_uint8_frames(video) for video in videos])
         return torch.tensor([r["score"] for r in results], device=device)
 
 
