@@ -108,7 +108,9 @@ def train(model: FVQRater, spatial, train_set: tuple[list[dict], list[float]],
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train_set[0]) / (config.batch_size * accelerator.num_processes * config.grad_accum))
+    # accelerate steps the schedule once per process for each optimizer step, so its length does not
+    # depend on the number of processes.
+    steps_per_epoch = math.ceil(len(train_set[0]) / (config.batch_size * config.grad_accum))
     total_steps = max(1, steps_per_epoch * config.epochs)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
     prepared_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -138,7 +140,8 @@ def train(model: FVQRater, spatial, train_set: tuple[list[dict], list[float]],
                 scheduler.step()
                 optimizer.zero_grad()
             losses.append(accelerator.gather(loss.detach()).mean().item())
-        record = {"epoch": epoch + 1, "loss": sum(losses) / len(losses), "seconds": time.perf_counter() - started}
+        record = {"epoch": epoch + 1, "loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0],
+                  "seconds": time.perf_counter() - started}
         if val_set is not None:
             record.update(_validate(prepared_model, model, accelerator, val_set, spatial, config))
         history.append(record)

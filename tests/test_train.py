@@ -31,7 +31,8 @@ def test_stages_write_best_and_last_checkpoints(tmp_path, extractor, data):
     result = train(model, extractor.preparer.spatial, *data, TrainConfig(stage=1, epochs=2, lr=1e-3), tmp_path,
                    progress=False)
     assert [r["epoch"] for r in result["history"]] == [1, 2]
-    assert all({"loss", "val_srcc", "val_plcc", "seconds"} <= set(r) for r in result["history"])
+    assert all({"loss", "lr", "val_srcc", "val_plcc", "seconds"} <= set(r) for r in result["history"])
+    assert result["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-9)
     for name in ("best", "last"):
         recorded = FVQRater.from_pretrained(tmp_path / name).config.features
         assert FeatureConfig.from_dict(recorded) == extractor.config
@@ -88,10 +89,12 @@ def test_two_cpu_processes_train_together(tmp_path, demo_set, feature_cache, che
                str(script), str(demo_set), str(feature_cache), str(tmp_path / "out")]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
-    ranks = [json.loads(line) for line in run.stdout.splitlines() if line.startswith('{"rank"')]
+    ranks = [json.loads(path.read_text()) for path in sorted((tmp_path / "out").glob("rank*.json"))]
     assert sorted(r["rank"] for r in ranks) == [0, 1] and all(r["world"] == 2 for r in ranks)
     # Validation gathers both ranks' shards: every validation video is counted once.
     assert all(r["val_n"] == len(data_val_names(demo_set)) for r in ranks)
+    # The cosine schedule ends at zero exactly when training ends, with any number of processes.
+    assert all(r["lr"] == pytest.approx(0.0, abs=1e-9) for r in ranks)
     assert FVQRater.from_pretrained(tmp_path / "out" / "last").config.num_frames == 4
 
 

@@ -20,4 +20,7 @@ val_set = split_features(data, "val", extractor, cache, progress=False)[:2]
 result = train(tiny_rater(extractor), extractor.preparer.spatial, train_set, val_set,
                TrainConfig(stage=2, epochs=1, batch_size=4), out, progress=False)
 state = PartialState()
-print(json.dumps({"rank": state.process_index, "world": state.num_processes, "val_n": result["history"][-1]["val_n"]}))
+last = result["history"][-1]
+# A file per rank: two processes printing to one pipe can interleave their lines.
+Path(out, f"rank{state.process_index}.json").write_text(
+    json.dumps({"rank": state.process_index, "world": state.num_processes, "val_n": last["val_n"], "lr": last["lr"]}))
