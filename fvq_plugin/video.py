@@ -104,29 +104,56 @@ def probe(path: str | os.PathLike, backend: str = "auto") -> VideoInfo:
 
 def sample_frames(path: str | os.PathLike, n: int = 8, backend: str = "auto") -> Clip:
     """`n` frames at `uniform_indices`; only those frames are decoded."""
-    info, indices, unique, frames = _read(path, backend, n)
-    return Clip(frames[np.searchsorted(unique, indices)], indices, info, repeated=info.n_frames < n)
+    return _clip(*_read(path, backend, (n,)), n)
 
 
 def dense_clip(path: str | os.PathLike, n: int = 32, short_side: int = 224, backend: str = "auto") -> Clip:
     """`n` frames spread over the whole video, shrunk so the short side is <= `short_side`."""
-    if short_side < 1:
-        raise ValueError(f"short_side must be >= 1, got {short_side}")
-    info, indices, unique, frames = _read(path, backend, n)
-    height, width = frames.shape[1:3]
-    scale = short_side / min(height, width)
-    if scale < 1:
-        size = (max(1, round(width * scale)), max(1, round(height * scale)))
-        # Resizing here rather than in decord keeps both backends' pixels identical.
-        frames = np.stack([cv2.resize(frame, size, interpolation=cv2.INTER_AREA) for frame in frames])
+    _check_short_side(short_side)
+    return _shrink(_clip(*_read(path, backend, (n,)), n), short_side)
+
+
+def sample_and_dense(path: str | os.PathLike, n: int = 8, dense_n: int = 32, short_side: int = 224,
+                     backend: str = "auto") -> tuple[Clip, Clip]:
+    """`sample_frames(path, n)` and `dense_clip(path, dense_n, short_side)` from one decoding pass."""
+    _check_short_side(short_side)
+    read = _read(path, backend, (n, dense_n))
+    return _clip(*read, n), _shrink(_clip(*read, dense_n), short_side)
+
+
+def _clip(info, unique, frames, n) -> Clip:
+    """The `n` uniformly sampled frames, picked from the decoded `unique` indices."""
+    indices = uniform_indices(info.n_frames, n)
     return Clip(frames[np.searchsorted(unique, indices)], indices, info, repeated=info.n_frames < n)
 
 
-def _read(path, backend, n):
-    """(info, indices, unique sorted indices, their frames); with n=None only info is read."""
+def _check_short_side(short_side):
+    if short_side < 1:
+        raise ValueError(f"short_side must be >= 1, got {short_side}")
+
+
+def _shrink(clip: Clip, short_side: int) -> Clip:
+    height, width = clip.frames.shape[1:3]
+    scale = short_side / min(height, width)
+    if scale >= 1:
+        return clip
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # Resizing here rather than in decord keeps both backends' pixels identical.
+    frames = np.stack([cv2.resize(frame, size, interpolation=cv2.INTER_AREA) for frame in clip.frames])
+    return replace(clip, frames=frames)
+
+
+def _targets(n_frames: int, counts) -> np.ndarray:
+    """Sorted unique frame indices needed by every requested uniform sampling."""
+    return np.unique(np.concatenate([uniform_indices(n_frames, n) for n in counts]))
+
+
+def _read(path, backend, counts):
+    """(info, unique sorted indices, their frames) for the uniform samplings of sizes `counts`;
+    with counts=None only info is read."""
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown video backend {backend!r}; valid: {', '.join(('auto',) + BACKENDS)}")
-    if n is not None:
+    for n in counts or ():
         uniform_indices(1, n)  # reject a bad n before touching the file
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -140,26 +167,22 @@ def _read(path, backend, n):
         raise VideoReadError(path, "empty file")
 
     if path.lower().endswith(IMAGE_EXTENSIONS):
-        info, unique, frames = _guarded(path, "image", _read_image, n)
-    elif backend == "auto":
+        return _guarded(path, "image", _read_image, counts)
+    if backend != "auto":
+        return _guarded(path, backend, _read_decord if backend == "decord" else _read_pyav, counts)
+    try:
+        return _guarded(path, "pyav", _read_pyav, counts)
+    except VideoReadError as pyav_error:
         try:
-            info, unique, frames = _guarded(path, "pyav", _read_pyav, n)
-        except VideoReadError as pyav_error:
-            try:
-                info, unique, frames = _guarded(path, "decord", _read_decord, n)
-            except VideoReadError as decord_error:
-                raise VideoReadError(path, f"{pyav_error.reason}; {decord_error.reason}") from decord_error
-    else:
-        reader = _read_decord if backend == "decord" else _read_pyav
-        info, unique, frames = _guarded(path, backend, reader, n)
-    indices = None if n is None else uniform_indices(info.n_frames, n)
-    return info, indices, unique, frames
+            return _guarded(path, "decord", _read_decord, counts)
+        except VideoReadError as decord_error:
+            raise VideoReadError(path, f"{pyav_error.reason}; {decord_error.reason}") from decord_error
 
 
-def _guarded(path, name, reader, n):
+def _guarded(path, name, reader, counts):
     """Run one backend, turning whatever it raises into a VideoReadError naming the cause."""
     try:
-        return reader(path, n)
+        return reader(path, counts)
     except VideoReadError as error:
         raise VideoReadError(path, f"{name}: {error.reason}") from error
     except Exception as error:
@@ -172,14 +195,14 @@ def _duration(n_frames, fps):
     return n_frames / fps if fps > 0 else 0.0
 
 
-def _read_image(path, n):
+def _read_image(path, counts):
     with Image.open(path) as image:
         frame = np.asarray(image.convert("RGB"))
     height, width = frame.shape[:2]
     return VideoInfo(path, 0.0, 1, 0.0, width, height, "image"), np.zeros(1, np.int64), frame[None]
 
 
-def _read_decord(path, n):
+def _read_decord(path, counts):
     import decord  # imported lazily: loading it is slow and PyAV-only users do not need it
 
     reader = decord.VideoReader(path, ctx=decord.cpu(0))
@@ -187,17 +210,17 @@ def _read_decord(path, n):
     if n_frames < 1:
         raise VideoReadError(path, "no video frames")
     fps = float(reader.get_avg_fps())
-    if n is None:
+    if counts is None:
         unique, frames = None, None
         height, width = reader[0].shape[:2]  # decord exposes the size only through a frame
     else:
-        unique = np.unique(uniform_indices(n_frames, n))
+        unique = _targets(n_frames, counts)
         frames = reader.get_batch(unique.tolist()).asnumpy()
         height, width = frames.shape[1:3]
     return VideoInfo(path, fps, n_frames, _duration(n_frames, fps), width, height, "decord"), unique, frames
 
 
-def _read_pyav(path, n):
+def _read_pyav(path, counts):
     with av.open(path) as container:
         if not container.streams.video:
             raise VideoReadError(path, "no video stream")
@@ -205,7 +228,7 @@ def _read_pyav(path, n):
         fps = float(stream.average_rate or stream.guessed_rate or 0)
         info = VideoInfo(path, fps, 0, 0.0, stream.codec_context.width, stream.codec_context.height, "pyav")
         declared = _plausible_frame_count(container, stream, fps)
-        if declared and n is None:
+        if declared and counts is None:
             return replace(info, n_frames=declared, duration=_duration(declared, fps)), None, None
         # Timestamps of every frame, found by demuxing only (cheap: nothing is decoded).
         packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size]
@@ -213,9 +236,9 @@ def _read_pyav(path, n):
     if n_frames < 1:
         raise VideoReadError(path, "no video frames")
     info = replace(info, n_frames=n_frames, duration=_duration(n_frames, fps))
-    if n is None:
+    if counts is None:
         return info, None, None
-    unique = np.unique(uniform_indices(n_frames, n))
+    unique = _targets(n_frames, counts)
     return info, unique, _decode_pyav(path, packets, unique, n_frames)
 
 

@@ -10,6 +10,7 @@ from fvq_plugin.video import (
     VideoReadError,
     dense_clip,
     probe,
+    sample_and_dense,
     sample_frames,
     uniform_indices,
     write_video,
@@ -87,6 +88,17 @@ def test_dense_clip_is_indexed_and_shrunk(video, backend):
     assert clip.frames.shape == (32, 32, 40, 3)
     assert clip.indices.tolist() == uniform_indices(N_FRAMES, 32).tolist()
     assert [frame_index(f) for f in clip.frames] == clip.indices.tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_pass_gives_the_sampled_and_the_dense_clip(video, backend):
+    sampled, dense = sample_and_dense(video, 8, 32, short_side=32, backend=backend)
+    for together, alone in ((sampled, sample_frames(video, 8, backend)),
+                            (dense, dense_clip(video, 32, short_side=32, backend=backend))):
+        assert together.indices.tolist() == alone.indices.tolist()
+        np.testing.assert_array_equal(together.frames, alone.frames)
+        assert together.info == alone.info
+    assert [frame_index(f) for f in sampled.frames] == sampled.indices.tolist()
 
 
 def test_dense_clip_never_upscales(video):

@@ -15,7 +15,7 @@ from functools import partial
 import numpy as np
 import torch
 
-from ..video import dense_clip, sample_frames, uniform_indices
+from ..video import sample_and_dense, sample_frames, uniform_indices
 from .spatial import SpatialFeatures
 
 STREAMS = ("spatial", "portrait", "face", "temporal")
@@ -72,10 +72,14 @@ class FramePreparer:
     def __call__(self, path) -> dict:
         """Features of one video file (raises VideoReadError for unreadable files)."""
         config = self.config
-        clip = sample_frames(path, config.num_frames, config.video_backend)
         dense = None
         if "temporal" in config.streams:
-            dense = dense_clip(path, config.temporal_frames, config.temporal_size, config.video_backend).frames
+            # One decoding pass serves the sampled frames and SlowFast's dense clip.
+            clip, dense_frames = sample_and_dense(path, config.num_frames, config.temporal_frames,
+                                                  config.temporal_size, config.video_backend)
+            dense = dense_frames.frames
+        else:
+            clip = sample_frames(path, config.num_frames, config.video_backend)
         info = clip.info
         return self._features(clip.frames, dense, {"n_frames": info.n_frames, "fps": info.fps, "width": info.width,
                                                    "height": info.height, "backend": info.backend,
