@@ -103,7 +103,9 @@ def _features(args) -> int:
     from .scoring import split_features
 
     if args.weights:  # the feature configuration the checkpoint was trained with
-        config = json.loads((Path(args.weights) / "fvq_rater.json").read_text())["features"]
+        from .model import CONFIG_FILE
+
+        config = json.loads((Path(args.weights) / CONFIG_FILE).read_text())["features"]
     else:
         config = {"image_size": args.image_size}
     extractor = FeatureExtractor(FeatureConfig.from_dict({**config, **_feature_overrides(args)}), device=args.device)
