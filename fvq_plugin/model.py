@@ -293,7 +293,7 @@ class FVQRater(nn.Module):
         if image_streams:
             # One vision-tower pass over spatial and portrait frames together.
             batch, count = given[image_streams[0]].shape[:2]
-            images = torch.cat([given[s].flatten(0, 1) for s in image_streams]).to(self._vision_dtype)
+            images = torch.cat([given[s].flatten(0, 1) for s in image_streams]).to(self.vision_dtype)
             vision = self.vlm.model.get_image_features(pixel_values=images).pooler_output
             for stream, part in zip(image_streams, vision.split(batch * count)):
                 part = part.reshape(batch, -1, part.shape[-1])
@@ -311,7 +311,7 @@ class FVQRater(nn.Module):
         return self.projectors[stream](values.to(weight.device, weight.dtype))
 
     @property
-    def _vision_dtype(self):
+    def vision_dtype(self):
         return next(self.vlm.model.vision_tower.parameters()).dtype
 
     @torch.no_grad()

@@ -173,7 +173,7 @@ class Scorer:
 
     @torch.no_grad()
     def score_features(self, features: list[dict]) -> list[dict]:
-        batch = model_inputs(features, self.extractor.preparer.spatial, self.device, self.model._vision_dtype)
+        batch = model_inputs(features, self.extractor.preparer.spatial, self.device, self.model.vision_dtype)
         return self.model.predict(**batch)
 
     def score_frames(self, videos) -> list[dict]:
