@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -30,16 +29,7 @@ def _validate(args) -> int:
     return 1 if problems else 0
 
 
-WEIGHTS_ENV = "FVQ_RATER_WEIGHTS"
-
-
-def _weights(args) -> str:
-    weights = args.weights or os.environ.get(WEIGHTS_ENV)
-    if not weights:
-        raise FileNotFoundError(f"no FVQ-Rater weights: pass --weights DIR or set {WEIGHTS_ENV}. Get a checkpoint "
-                                "with `fvq-rater demo` (tiny, CPU), `fvq-rater train`, or `fvq-rater convert` "
-                                "(released weights)")
-    return weights
+WEIGHTS_ENV = "FVQ_RATER_WEIGHTS"  # fvq_plugin.model.WEIGHTS_ENV, without importing torch for --help
 
 
 def _feature_overrides(args) -> dict:
@@ -50,17 +40,12 @@ def _feature_overrides(args) -> dict:
     return overrides
 
 
-def _dtype(name):
-    import torch
-
-    return None if name in (None, "auto") else getattr(torch, name)
-
-
 def _scorer(args):
+    from .model import checkpoint_path, parse_dtype
     from .scoring import Scorer
 
-    return Scorer.from_pretrained(_weights(args), device=args.device, dtype=_dtype(args.dtype),
-                                  device_map=args.device_map, attn_implementation=args.attn,
+    return Scorer.from_pretrained(checkpoint_path(args.weights, "--weights DIR"), device=args.device,
+                                  dtype=parse_dtype(args.dtype), device_map=args.device_map, attn_implementation=args.attn,
                                   feature_overrides=_feature_overrides(args), batch_size=args.batch_size,
                                   workers=args.workers, cache_dir=args.cache)
 
@@ -118,13 +103,13 @@ def _features(args) -> int:
 
 def _train(args) -> int:
     from .features import FeatureConfig, FeatureExtractor
-    from .model import FVQRater, FVQRaterConfig, LoraSettings, load_backbone
+    from .model import FVQRater, FVQRaterConfig, LoraSettings, load_backbone, parse_dtype
     from .scoring import split_features
     from .tiny import tiny_rater
     from .train import TrainConfig, train
 
     if args.init:
-        model = FVQRater.from_pretrained(args.init, trainable=True, dtype=_dtype(args.dtype))
+        model = FVQRater.from_pretrained(args.init, trainable=True, dtype=parse_dtype(args.dtype))
         features = FeatureConfig.from_dict({**model.config.features, **_feature_overrides(args)})
         extractor = FeatureExtractor(features, device=args.device)
     else:
@@ -132,7 +117,7 @@ def _train(args) -> int:
         vlm = tokenizer = None
         image_size = 64  # the tiny random backbone's
         if args.backbone:
-            vlm, tokenizer = load_backbone(args.backbone, dtype=_dtype(args.dtype), attn_implementation=args.attn)
+            vlm, tokenizer = load_backbone(args.backbone, dtype=parse_dtype(args.dtype), attn_implementation=args.attn)
             image_size = vlm.config.vision_config.image_size
             image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
         features = FeatureConfig.from_dict({"image_size": image_size, "num_frames": args.frames,
@@ -206,7 +191,7 @@ def _add_runtime_args(parser, weights=True):
     if weights:
         parser.add_argument("--weights", help=f"FVQ-Rater checkpoint folder (default: env {WEIGHTS_ENV})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")  # model.DTYPES
     parser.add_argument("--device-map", help="e.g. auto: shard the backbone over the visible GPUs")
     parser.add_argument("--attn", help="attention implementation: sdpa, flash_attention_2, eager")
     parser.add_argument("--batch-size", type=int, default=8)

@@ -14,6 +14,7 @@ Streams and their tokens per video (T sampled frames, N vision tokens per frame)
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import warnings
@@ -40,8 +41,33 @@ LLM_LORA_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", 
                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
 
+WEIGHTS_ENV = "FVQ_RATER_WEIGHTS"
+
+
 class CheckpointError(ValueError):
     """A directory that is not a loadable FVQ-Rater checkpoint."""
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def parse_dtype(name):
+    """A dtype given by name, as on the command line and in lmms-eval's model_args; None for auto."""
+    if name is None or isinstance(name, torch.dtype) or name == "auto":
+        return None if name == "auto" else name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def checkpoint_path(given, option: str) -> str:
+    """The checkpoint folder given through `option` (as the user types it), else from FVQ_RATER_WEIGHTS."""
+    path = given or os.environ.get(WEIGHTS_ENV)
+    if not path:
+        raise CheckpointError(
+            f"no FVQ-Rater weights: pass {option} or set {WEIGHTS_ENV}=DIR. Make a checkpoint with `fvq-rater demo` "
+            "(tiny, CPU) or `fvq-rater train`, or convert the released weights with `fvq-rater convert`.")
+    return str(path)
 
 
 @dataclass

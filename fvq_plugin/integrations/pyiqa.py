@@ -27,7 +27,6 @@ from torch import nn
 from .pyiqa_inputs import VideoPaths, install
 
 METRIC_NAME = "fvq_rater"
-WEIGHTS_ENV = "FVQ_RATER_WEIGHTS"
 DEFAULT_CONFIG = {
     "metric_opts": {"type": "FVQRaterArch"},
     "metric_mode": "NR",
@@ -54,14 +53,12 @@ class FVQRaterArch(nn.Module):
                  dtype=None, device_map=None, attn_implementation=None, face_models=None, temporal_weights=None,
                  portrait_model=None):
         super().__init__()
+        from ..model import checkpoint_path
         from ..scoring import Scorer
 
-        path = pretrained_model_path or os.environ.get(WEIGHTS_ENV)
-        if not pretrained or not path:
-            raise ValueError(
-                f"fvq_rater needs FVQ-Rater weights: pass pretrained_model_path=DIR to pyiqa.create_metric or set "
-                f"{WEIGHTS_ENV}=DIR. Make a checkpoint with `fvq-rater demo` (tiny, CPU) or `fvq-rater train`, or "
-                "convert the released weights with `fvq-rater convert`.")
+        if not pretrained:
+            raise ValueError("fvq_rater has no random-weight mode: it needs FVQ-Rater weights")
+        path = checkpoint_path(pretrained_model_path, "pretrained_model_path=DIR to pyiqa.create_metric")
         overrides = {k: v for k, v in {"face_models": face_models, "temporal_weights": temporal_weights,
                                        "portrait_model": portrait_model}.items() if v is not None}
         self.scorer = Scorer.from_pretrained(path, dtype=dtype, device_map=device_map,
