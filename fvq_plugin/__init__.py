@@ -1,11 +1,12 @@
 """fvq-plugin: FVQ-Rater face-video quality assessment for pyiqa and lmms-eval.
 
-Importing this package makes `pyiqa.create_metric("fvq_rater")` available (as soon as pyiqa
-is imported, before or after this package).
+Installing the package is enough for `pyiqa.create_metric("fvq_rater")` and for lmms-eval's
+`--model fvq_rater` and `--tasks fvq20k`; importing it also registers the pyiqa metric (as soon
+as pyiqa is imported, before or after this package). See fvq_plugin.integrations.discovery.
 """
 
 __version__ = "0.1.0"
 
-from .integrations import register_when_pyiqa_loads
+from .integrations import discovery
 
-register_when_pyiqa_loads()
+discovery.install()

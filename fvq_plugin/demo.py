@@ -75,8 +75,37 @@ def run_demo(workdir, settings: DemoSettings | None = None, progress: bool = Tru
     checkpoint = workdir / "stage2" / "best"
     scorer = Scorer(FVQRater.from_pretrained(checkpoint), extractor, cache_dir=cache_dir)
     report, _ = evaluate(scorer, data_dir, "test", progress=progress)
+    lmms_started = time.perf_counter()
+    lmms_report = lmms_eval_report(checkpoint, data_dir, cache_dir)
+    timings["lmms_eval_s"] = time.perf_counter() - lmms_started
     timings["total_s"] = time.perf_counter() - started
-    log(f"Test split ({report['scored']} videos scored, {report['failed']} failed): "
-        f"SRCC {report['srcc']:.3f}  PLCC {report['plcc']:.3f}  KRCC {report['krcc']:.3f}  RMSE {report['rmse']:.2f}")
+    log(format_reports({"fvq-rater eval": report, "lmms-eval --tasks fvq20k": lmms_report},
+                       f"Test split ({report['scored'] + report['failed']} videos)"))
     log(f"Checkpoint: {checkpoint}   total time {timings['total_s']:.0f} s")
-    return {"report": report, "timings": timings, "checkpoint": str(checkpoint)}
+    return {"report": report, "lmms_eval": lmms_report, "timings": timings, "checkpoint": str(checkpoint)}
+
+
+def lmms_eval_report(checkpoint, data_dir, cache_dir) -> dict:
+    """The same checkpoint through lmms-eval's evaluator, model `fvq_rater` and task `fvq20k` (in-process)."""
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    task = {"task": "fvq20k", "dataset_kwargs": {"root": str(data_dir)}}
+    output = simple_evaluate(model="fvq_rater", model_args=f"pretrained={checkpoint},cache_dir={cache_dir}",
+                             tasks=[task], batch_size=8, log_samples=False, task_manager=TaskManager("WARNING"),
+                             verbosity="WARNING")
+    results = output["results"]["fvq20k"]
+    report = {metric: results[f"{metric},none"] for metric in ("srcc", "plcc", "krcc", "rmse")}
+    report.update(scored=results["n_scored,none"], failed=results["n_failed,none"] + results["n_unparsed,none"])
+    return report
+
+
+def format_reports(reports: dict, title: str) -> str:
+    """One column per way of evaluating, one row per figure."""
+    rows = [("SRCC", "srcc", "{:.4f}"), ("PLCC", "plcc", "{:.4f}"), ("KRCC", "krcc", "{:.4f}"), ("RMSE", "rmse", "{:.3f}"),
+            ("scored", "scored", "{}"), ("failed", "failed", "{}")]
+    width = max(len(name) for name in reports) + 2
+    lines = [title, " " * 8 + "".join(name.rjust(width) for name in reports)]
+    lines += [label.ljust(8) + "".join(form.format(r[key]).rjust(width) for r in reports.values())
+              for label, key, form in rows]
+    return "\n".join(lines)

@@ -181,11 +181,12 @@ class Scorer:
         prepared = [self.extractor.preparer.from_frames(frames) for frames in videos]
         return self.score_features(self.extractor.finish(prepared))
 
-    def score(self, paths, output=None, progress: bool = True) -> list[dict]:
+    def score(self, paths, output=None, progress: bool = True, on_batch=None) -> list[dict]:
         """One result per path: {path, score, level, text, ...} or {path, error}.
 
         With `output` (a .jsonl file), results are appended as they come and paths already in
         the file are not scored again, so an interrupted run resumes where it stopped.
+        `on_batch(n)` is called after each batch of n videos (a caller's own progress bar).
         """
         paths = [str(p) for p in paths]
         done = _read_results(output) if output else {}
@@ -207,6 +208,8 @@ class Scorer:
                         sink.write(json.dumps(result) + "\n")
                 if sink:
                     sink.flush()
+                if on_batch:
+                    on_batch(len(items))
         finally:
             if sink:
                 sink.close()
