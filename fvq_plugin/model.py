@@ -61,13 +61,31 @@ def parse_dtype(name):
 
 
 def checkpoint_path(given, option: str) -> str:
-    """The checkpoint folder given through `option` (as the user types it), else from FVQ_RATER_WEIGHTS."""
+    """The checkpoint folder given through `option` (as the user types it), else from FVQ_RATER_WEIGHTS.
+
+    Checked before anything heavy loads; the error says where the path came from.
+    """
     path = given or os.environ.get(WEIGHTS_ENV)
     if not path:
-        raise CheckpointError(
-            f"no FVQ-Rater weights: pass {option} or set {WEIGHTS_ENV}=DIR. Make a checkpoint with `fvq-rater demo` "
-            "(tiny, CPU) or `fvq-rater train`, or convert the released weights with `fvq-rater convert`.")
+        raise CheckpointError(f"no FVQ-Rater weights: pass {option} or set {WEIGHTS_ENV}=DIR. {HOW_TO_GET}")
+    problem = checkpoint_problem(path)
+    if problem:
+        raise CheckpointError(problem if given else f"{WEIGHTS_ENV} (from the environment): {problem}")
     return str(path)
+
+
+HOW_TO_GET = ("Make a checkpoint with `fvq-rater demo` (tiny, CPU) or `fvq-rater train`, or convert the released "
+              "weights with `fvq-rater convert`.")
+
+
+def checkpoint_problem(directory) -> str | None:
+    """Why `directory` is not an FVQ-Rater checkpoint (naming the checkpoints below it), or None."""
+    directory = Path(directory)
+    if (directory / CONFIG_FILE).is_file():
+        return None
+    below = sorted(str(p.parent) for p in directory.glob(f"*/{CONFIG_FILE}")) if directory.is_dir() else []
+    hint = f"The checkpoints below it are {', '.join(below)}: pass one of them." if below else HOW_TO_GET
+    return f"{directory} is not an FVQ-Rater checkpoint ({CONFIG_FILE} not found). {hint}"
 
 
 @dataclass
@@ -342,14 +360,17 @@ class FVQRater(nn.Module):
 
     @torch.no_grad()
     def predict(self, **batch) -> list[dict]:
-        """Score, level, level probabilities and answer text for each video of the batch."""
+        """Score, level (the score's 20-point bin), the level head's probabilities and the answer text."""
         output = self(**batch)
         probabilities = output.level_logits.float().softmax(-1)
+        scores = output.score.float().clamp(0, 100)
         results = []
-        for score, probs in zip(output.score.clamp(0, 100).tolist(), probabilities.tolist()):
-            level = LEVELS[max(range(len(LEVELS)), key=probs.__getitem__)]
-            results.append({"score": score, "level": level, "level_probs": dict(zip(LEVELS, probs)),
-                            "text": answer_text(level, score, self.config.answer_prefix)})
+        # The level word names the score's bin, so the answer never contradicts itself; the level
+        # head's own distribution is reported beside it.
+        levels = level_index(torch.round(scores * 100) / 100)  # the bin of the score as the text shows it
+        for score, level, probs in zip(scores.tolist(), levels.tolist(), probabilities.tolist()):
+            results.append({"score": score, "level": LEVELS[level], "level_probs": dict(zip(LEVELS, probs)),
+                            "text": answer_text(LEVELS[level], score, self.config.answer_prefix)})
         return results
 
     # ----- checkpoints --------------------------------------------------------------------------
@@ -405,10 +426,9 @@ class FVQRater(nn.Module):
 
         directory = Path(directory)
         config_path = directory / CONFIG_FILE
-        if not config_path.is_file():
-            raise CheckpointError(f"{directory} is not an FVQ-Rater checkpoint: {CONFIG_FILE} not found. "
-                                  "Train one with `fvq-rater train` (or `fvq-rater demo`), or convert the released "
-                                  "weights with `fvq-rater convert`.")
+        problem = checkpoint_problem(directory)
+        if problem:
+            raise CheckpointError(problem)
         data = json.loads(config_path.read_text())
         if data.get("format") != FORMAT_VERSION:
             raise CheckpointError(f"{config_path}: unsupported checkpoint format {data.get('format')!r}")

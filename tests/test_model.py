@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from fvq_plugin.model import (LEVELS, STREAMS, CheckpointError, FVQRater, FVQRaterConfig, LoraSettings, answer_text,
-                              level_index)
+from fvq_plugin.model import (LEVELS, STREAMS, CheckpointError, FVQRater, FVQRaterConfig, FVQRaterOutput, LoraSettings,
+                              answer_text, level_index)
 from fvq_plugin.tiny import tiny_rater
 
 
@@ -110,6 +110,7 @@ def test_predict_composes_level_and_score_text(model):
     result = model.predict(**random_batch(model, batch=1))[0]
     assert result["level"] in LEVELS and 0 <= result["score"] <= 100
     assert result["text"] == answer_text(result["level"], result["score"])
+    assert result["level"] == LEVELS[min(int(round(result["score"], 2) // 20), 4)]  # the text never contradicts itself
     assert result["text"].startswith("The video quality is ") and abs(sum(result["level_probs"].values()) - 1) < 1e-5
 
 
@@ -142,3 +143,14 @@ def test_a_bfloat16_backbone_works_with_float32_heads(tmp_path, extractor):
     assert loaded.vlm.dtype == torch.bfloat16 and loaded.score_head[0].weight.dtype == torch.float32
     result = loaded.predict(**random_batch(loaded))
     assert len(result) == 2 and all(0 <= r["score"] <= 100 for r in result)
+
+
+def test_the_level_word_names_the_bin_of_the_score_shown_and_the_level_head_is_reported_beside_it(model,
+                                                                                                  monkeypatch):
+    scores = torch.tensor([18.77, 19.999, 100.0, 0.0, 63.5])
+    level_logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, 5.0]]).expand(len(scores), -1)  # the head says "excellent"
+    monkeypatch.setattr(model, "forward", lambda **_: FVQRaterOutput(None, level_logits, scores))
+    results = model.predict()
+    assert [r["level"] for r in results] == ["bad", "poor", "excellent", "bad", "good"]  # 19.999 shows as 20.00
+    assert results[0]["text"] == "The video quality is bad. The score is 18.77."
+    assert all(max(r["level_probs"], key=r["level_probs"].get) == "excellent" for r in results)
