@@ -2,12 +2,20 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
+import os
 import sys
 from pathlib import Path
 
 DEMO_DIR = "fvq-demo"
 DEFAULT_VIDEOS = 400  # fvq_plugin.demo_data.DEFAULT_VIDEOS, without importing numpy/cv2 for --help
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
+
+
+class UsageError(Exception):
+    """A mistake in the command line, told in one line that names the flag and the fix."""
 
 
 def _make_demo_data(args) -> int:
@@ -40,26 +48,85 @@ def _feature_overrides(args) -> dict:
     return overrides
 
 
+def _check_runtime(args) -> None:
+    """--device and --attn problems, found before a model is loaded."""
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {args.device}: no CUDA GPU is visible to torch here; use --device cpu")
+    if args.attn == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UsageError("--attn flash_attention_2 needs the flash-attn package (pip install flash-attn, on a CUDA "
+                             "machine); or use --attn sdpa")
+
+
+def _check_output_file(path, flag: str, example: str) -> None:
+    """Before any scoring: the file's folder is created, and a folder given as the file is refused."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"{flag} {path} is a folder; give a file name, e.g. {flag} {target / example}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"{flag} {path}: not writable")
+
+
 def _scorer(args):
     from .model import checkpoint_path, parse_dtype
     from .scoring import Scorer
 
+    _check_runtime(args)
     return Scorer.from_pretrained(checkpoint_path(args.weights, "--weights DIR"), device=args.device,
                                   dtype=parse_dtype(args.dtype), device_map=args.device_map, attn_implementation=args.attn,
                                   feature_overrides=_feature_overrides(args), batch_size=args.batch_size,
                                   workers=args.workers, cache_dir=args.cache)
 
 
+def _check_outputs(args) -> None:
+    _check_output_file(args.output, "--output", "results.jsonl")
+    _check_output_file(args.csv, "--csv", "results.csv")
+
+
+def _media_files(inputs) -> list[str]:
+    """The given files, with every folder replaced by the videos and images below it (sorted)."""
+    from .video import IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+
+    paths = []
+    for given in inputs:
+        if not Path(given).is_dir():
+            paths.append(given)
+            continue
+        found = sorted(str(p) for p in Path(given).rglob("*")
+                       if p.is_file() and p.suffix.lower() in VIDEO_EXTENSIONS + IMAGE_EXTENSIONS)
+        if not found:
+            raise UsageError(f"{given}: no video or image files in this folder")
+        paths += found
+    return paths
+
+
 def _score(args) -> int:
-    results = _scorer(args).score(args.paths, output=args.output, progress=not args.json)
+    from .scoring import read_results
+
+    paths = _media_files(args.paths)
+    _check_outputs(args)
+    resumed = len(set(paths) & set(read_results(args.output))) if args.output else 0
+    results = _scorer(args).score(paths, output=args.output, progress=not args.json)
     _maybe_csv(results, args.csv)
+    failed = [r for r in results if "error" in r]
     if args.json:
         print(json.dumps(results, indent=2))
     else:
         for result in results:
             shown = f"{result['score']:6.2f}  {result['level']:<9}" if "score" in result else f"error: {result['error']}"
             print(f"{shown}  {result['path']}")
-    return 1 if any("error" in r for r in results) else 0
+    summary = f"{len(results) - len(failed)} scored, {len(failed)} failed"
+    summary += f", {resumed} resumed from {args.output}" if resumed else ""
+    print(summary, file=sys.stderr if args.json else sys.stdout)
+    return 1 if failed else 0
 
 
 def _maybe_csv(results, path):
@@ -70,65 +137,107 @@ def _maybe_csv(results, path):
 
 
 def _eval(args) -> int:
+    import warnings
+
+    from .data import read_split
+    from .metrics import MIN_SAMPLES
     from .scoring import evaluate
 
-    report, results = evaluate(_scorer(args), args.data, args.split, output=args.output)
+    read_split(args.data, args.split)  # a broken dataset is reported before the model loads
+    _check_outputs(args)
+    scorer = _scorer(args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # undefined correlations are said plainly below
+        report, results = evaluate(scorer, args.data, args.split, output=args.output)
     _maybe_csv(results, args.csv)
     for result in results:
         if "error" in result:
-            print(f"failed: {result['path']}: {result['error']}")
-    print(json.dumps(report) if args.json else
-          f"{args.split}: SRCC {report['srcc']:.4f}  PLCC {report['plcc']:.4f}  KRCC {report['krcc']:.4f}  "
-          f"RMSE {report['rmse']:.3f}  ({report['scored']} scored, {report['failed']} failed)")
-    return 0
+            print(f"failed: {result['path']}: {result['error']}", file=sys.stderr)
+    counts = f"{report['scored']} scored, {report['failed']} failed"
+    too_few = report["scored"] < MIN_SAMPLES
+    if args.json:
+        print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v for k, v in report.items()}))
+    elif too_few:
+        print(f"{args.split}: only {counts}; SRCC, PLCC, KRCC and RMSE need at least {MIN_SAMPLES} scored videos")
+    else:
+        print(f"{args.split}: SRCC {report['srcc']:.4f}  PLCC {report['plcc']:.4f}  KRCC {report['krcc']:.4f}  "
+              f"RMSE {report['rmse']:.3f}  ({counts})")
+    return 1 if too_few else 0
 
 
 def _features(args) -> int:
-    from .features import FeatureConfig, FeatureExtractor
+    from .data import read_split
+    from .features import FeatureExtractor
     from .scoring import split_features
 
-    if args.weights:  # the feature configuration the checkpoint was trained with
-        from .model import CONFIG_FILE
+    read_split(args.data, args.split)
+    if args.weights:  # the feature configuration the checkpoint was trained with, so `eval --cache` finds them
+        from .model import CONFIG_FILE, checkpoint_path
 
-        config = json.loads((Path(args.weights) / CONFIG_FILE).read_text())["features"]
+        config = json.loads((Path(checkpoint_path(args.weights, "--weights DIR")) / CONFIG_FILE).read_text())["features"]
     else:
         config = {"image_size": args.image_size}
-    extractor = FeatureExtractor(FeatureConfig.from_dict({**config, **_feature_overrides(args)}), device=args.device)
+    extractor = FeatureExtractor(_feature_config(config, args), device=args.device)
     features, _, failures = split_features(args.data, args.split, extractor, args.out, args.batch_size, args.workers)
     for failure in failures:
-        print(f"failed: {failure['path']}: {failure['error']}")
+        print(f"failed: {failure['path']}: {failure['error']}", file=sys.stderr)
     print(f"{len(features)} videos' features cached in {Path(args.out) / extractor.key_digest()}, {len(failures)} failed")
     return 1 if failures else 0
 
 
+def _feature_config(base: dict, args):
+    """The feature settings `base` with the command's overrides; SlowFast weights are never assumed."""
+    from .features import FeatureConfig
+
+    config = FeatureConfig.from_dict({**base, **_feature_overrides(args)})
+    if "temporal" in config.streams and not (config.temporal_weights or config.temporal_random):
+        raise UsageError("the temporal stream needs SlowFast-R50 weights: pass --temporal-weights SLOWFAST_8x8_R50.pyth "
+                         "(the official Kinetics checkpoint), or --temporal-random for tests and demos (no learned motion)")
+    return config
+
+
 def _train(args) -> int:
-    from .features import FeatureConfig, FeatureExtractor
-    from .model import FVQRater, FVQRaterConfig, LoraSettings, load_backbone, parse_dtype
+    from .data import read_split
+    from .features import FeatureExtractor
+    from .model import FVQRater, FVQRaterConfig, LoraSettings, checkpoint_path, load_backbone, parse_dtype
     from .scoring import split_features
     from .tiny import tiny_rater
     from .train import TrainConfig, train
 
+    for split in ("train", "val"):
+        read_split(args.data, split)
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not (args.resume or args.overwrite):
+        raise UsageError(f"--out {args.out} is not empty: pass --resume to continue that run, --overwrite to replace "
+                         "its checkpoints, or another --out")
     if args.init:
-        model = FVQRater.from_pretrained(args.init, trainable=True, dtype=parse_dtype(args.dtype))
-        features = FeatureConfig.from_dict({**model.config.features, **_feature_overrides(args)})
-        extractor = FeatureExtractor(features, device=args.device)
+        model = FVQRater.from_pretrained(checkpoint_path(args.init, "--init DIR"), trainable=True,
+                                         dtype=parse_dtype(args.dtype))
+        extractor = FeatureExtractor(_feature_config(model.config.features, args), device=args.device)
     else:
+        if args.stage == 2:
+            print("train --stage 2 without --init starts from scratch (new LoRA, projectors and head); pass "
+                  "--init RUN/best to continue a stage-1 run", file=sys.stderr)
         lora = LoraSettings(r=args.lora_r, alpha=args.lora_alpha)
-        vlm = tokenizer = None
-        image_size = 64  # the tiny random backbone's
+        if args.backbone:
+            from transformers import AutoConfig
+
+            # Feature settings are checked before the (large) backbone loads.
+            image_size = AutoConfig.from_pretrained(args.backbone).vision_config.image_size
+            base = {"image_size": image_size[0] if isinstance(image_size, (list, tuple)) else image_size}
+        else:
+            from .demo import DEMO_FEATURES
+
+            # The tiny random backbone is a toy: it gets the demo's small feature settings (random SlowFast).
+            base = DEMO_FEATURES.to_dict()
+        extractor = FeatureExtractor(_feature_config({**base, "num_frames": args.frames}, args), device=args.device)
         if args.backbone:
             vlm, tokenizer = load_backbone(args.backbone, dtype=parse_dtype(args.dtype), attn_implementation=args.attn)
-            image_size = vlm.config.vision_config.image_size
-            image_size = image_size[0] if isinstance(image_size, (list, tuple)) else image_size
-        features = FeatureConfig.from_dict({"image_size": image_size, "num_frames": args.frames,
-                                            **_feature_overrides(args)})
-        extractor = FeatureExtractor(features, device=args.device)
-        if vlm is None:
-            model = tiny_rater(extractor, args.seed, lora=lora)
-        else:
             config = FVQRaterConfig(num_frames=args.frames, face_dim=extractor.face_dim, lora=lora,
-                                    features=features.to_dict())
+                                    features=extractor.config.to_dict())
             model = FVQRater.create(config, vlm, tokenizer, base_path=args.backbone)
+        else:
+            model = tiny_rater(extractor, args.seed, lora=lora)
     train_set = split_features(args.data, "train", extractor, args.cache, args.batch_size, args.workers)
     val_set = split_features(args.data, "val", extractor, args.cache, args.batch_size, args.workers)
     config = TrainConfig(stage=args.stage, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -154,12 +263,12 @@ def _bench(args) -> int:
         config = FeatureConfig.from_dict({"temporal_random": True, "image_size": args.image_size,
                                           **_feature_overrides(args)})
         result = bench.bench_features(config, videos=args.videos, device=args.device)
-        print(bench.format_features(result))
+        table = bench.format_features(result)
     else:
         result = bench.bench_model(args.size, device=args.device)
-        print(bench.format_model(result))
+        table = bench.format_model(result)
     bench.save(result, args.out)
-    print(f"saved {args.out}")
+    print(json.dumps(result, indent=2, default=str) if args.json else f"{table}\nsaved {args.out}")
     return 0
 
 
@@ -173,8 +282,8 @@ def _demo(args) -> int:
 
 def _add_feature_args(parser):
     group = parser.add_argument_group("feature extractors")
-    group.add_argument("--video-backend", choices=["auto", "pyav", "decord"])
-    group.add_argument("--face-backend", choices=["yunet-sface", "insightface"])
+    group.add_argument("--video-backend", choices=["auto", "pyav", "decord"], help="video decoder (default: the checkpoint's, else auto)")
+    group.add_argument("--face-backend", choices=["yunet-sface", "insightface"], help="face detector and identity model (default: the checkpoint's)")
     group.add_argument("--face-models", help="insightface model folder (default: env FVQ_FACE_MODELS)")
     group.add_argument("--portrait-model", help="a .tflite person-segmentation model (default: the shipped one)")
     group.add_argument("--temporal-weights", help="SlowFast-R50 Kinetics checkpoint (.pyth)")
@@ -191,39 +300,55 @@ def _add_runtime_args(parser, weights=True):
     if weights:
         parser.add_argument("--weights", help=f"FVQ-Rater checkpoint folder (default: env {WEIGHTS_ENV})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")  # model.DTYPES
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",  # model.DTYPES
+                        help="backbone weights dtype")
     parser.add_argument("--device-map", help="e.g. auto: shard the backbone over the visible GPUs")
-    parser.add_argument("--attn", help="attention implementation: sdpa, flash_attention_2, eager")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding ahead (default 0)")
+    parser.add_argument("--attn", choices=ATTENTION, help="attention implementation (default: the model's own)")
+    parser.add_argument("--batch-size", type=int, default=8, help="videos per forward")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding ahead")
     parser.add_argument("--cache", help="feature cache folder")
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Every default in --help, except the empty ones (None, off) and those the help already states."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fvq-rater", description="FVQ-Rater face-video quality assessment")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    from . import __version__
+
+    defaults = _HelpWithDefaults
+    parser = argparse.ArgumentParser(prog="fvq-rater", description="FVQ-Rater face-video quality assessment",
+                                     formatter_class=defaults)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.add_parser = functools.partial(commands.add_parser, formatter_class=defaults)
 
     demo = commands.add_parser("demo", help="build the demo face-video set and run the main job on it")
-    demo.add_argument("--workdir", default=DEMO_DIR, help=f"where the demo writes (default ./{DEMO_DIR})")
-    demo.add_argument("--videos", type=int, default=DEFAULT_VIDEOS, help=f"demo set size (default {DEFAULT_VIDEOS})")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--workdir", default=DEMO_DIR, help="where the demo writes")
+    demo.add_argument("--videos", type=int, default=DEFAULT_VIDEOS, help="demo set size")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the demo set and of training")
     demo.set_defaults(run=_demo)
 
     make = commands.add_parser("make-demo-data", help="write an FVQ-20K-layout set of degraded face videos")
     make.add_argument("out", help="output directory (must be empty or absent)")
-    make.add_argument("--videos", type=int, default=DEFAULT_VIDEOS)
-    make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--videos", type=int, default=DEFAULT_VIDEOS, help="number of videos (80/5/15 split)")
+    make.add_argument("--seed", type=int, default=0, help="the same seed writes byte-identical videos")
     make.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     make.set_defaults(run=_make_demo_data)
 
     check = commands.add_parser("validate", help="check an FVQ-20K-layout dataset, line by line")
-    check.add_argument("root")
+    check.add_argument("root", help="FVQ-20K-layout root")
     check.add_argument("--split", choices=["train", "val", "test"], help="only this split (default all)")
     check.add_argument("--deep", action="store_true", help="also open every video")
     check.set_defaults(run=_validate)
 
     score = commands.add_parser("score", help="score videos (or images) with an FVQ-Rater checkpoint")
-    score.add_argument("paths", nargs="+")
+    score.add_argument("paths", nargs="+", help="video or image files, or folders (searched recursively)")
     _add_output_args(score)
     _add_runtime_args(score)
     _add_feature_args(score)
@@ -231,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluation = commands.add_parser("eval", help="SRCC/PLCC/KRCC/RMSE on a dataset split")
     evaluation.add_argument("--data", required=True, help="FVQ-20K-layout root")
-    evaluation.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluation.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to evaluate")
     _add_output_args(evaluation)
     _add_runtime_args(evaluation)
     _add_feature_args(evaluation)
@@ -239,34 +364,36 @@ def build_parser() -> argparse.ArgumentParser:
 
     features = commands.add_parser("features", help="precompute the four feature streams of a split into a cache")
     features.add_argument("data", help="FVQ-20K-layout root")
-    features.add_argument("--split", default="test", choices=["train", "val", "test"])
+    features.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to extract")
     features.add_argument("--out", required=True, help="cache folder")
     features.add_argument("--weights", help="use the feature configuration of this checkpoint")
-    features.add_argument("--image-size", type=int, default=448)
-    features.add_argument("--device", default="cpu")
-    features.add_argument("--batch-size", type=int, default=8)
-    features.add_argument("--workers", type=int, default=0)
+    features.add_argument("--image-size", type=int, default=448, help="frame size without --weights")
+    features.add_argument("--device", default="cpu", help="where SlowFast runs")
+    features.add_argument("--batch-size", type=int, default=8, help="videos per batch")
+    features.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding ahead")
     _add_feature_args(features)
     features.set_defaults(run=_features)
 
     training = commands.add_parser("train", help="train FVQ-Rater (stage 1: level text, stage 2: score head)")
     training.add_argument("--data", required=True, help="FVQ-20K-layout root")
-    training.add_argument("--stage", type=int, choices=[1, 2], required=True)
+    training.add_argument("--stage", type=int, choices=[1, 2], required=True,
+                          help="1: level text (cross-entropy); 2: score head (L1 on MOS/100)")
     training.add_argument("--out", required=True, help="checkpoint folder (best/ and last/ inside)")
     start = training.add_mutually_exclusive_group()
     start.add_argument("--init", help="continue from an FVQ-Rater checkpoint (e.g. stage 1's best)")
     start.add_argument("--backbone", help="new rater on an InternVL checkpoint in transformers' layout")
-    training.add_argument("--frames", type=int, default=8)
-    training.add_argument("--epochs", type=int, default=3)
-    training.add_argument("--lr", type=float, default=2e-4)
-    training.add_argument("--grad-accum", type=int, default=1)
-    training.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
-    training.add_argument("--gradient-checkpointing", action="store_true")
+    training.add_argument("--frames", type=int, default=8, help="frames sampled per video (new raters)")
+    training.add_argument("--epochs", type=int, default=3, help="passes over the training split")
+    training.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine schedule)")
+    training.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
+    training.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="accelerate's")
+    training.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     training.add_argument("--ce-weight", type=float, default=0.0, help="stage 2: add the level cross-entropy")
-    training.add_argument("--lora-r", type=int, default=8)
-    training.add_argument("--lora-alpha", type=int, default=16)
-    training.add_argument("--seed", type=int, default=0)
+    training.add_argument("--lora-r", type=int, default=8, help="LoRA rank (new raters)")
+    training.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (new raters)")
+    training.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
     training.add_argument("--resume", action="store_true", help="continue an interrupted run from --out/last")
+    training.add_argument("--overwrite", action="store_true", help="train into a non-empty --out, replacing its checkpoints")
     _add_runtime_args(training, weights=False)
     _add_feature_args(training)
     training.set_defaults(run=_train)
@@ -281,20 +408,25 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(run=_convert)
 
     benchmark = commands.add_parser("bench", help="time the feature and model stages (ratios from one run)")
-    benchmark.add_argument("--stage", choices=["features", "model"], required=True)
+    benchmark.add_argument("--stage", choices=["features", "model"], required=True, help="what to time")
     benchmark.add_argument("--size", default="tiny", choices=["tiny", "internvl2-1b", "internvl2-8b"],
                            help="model stage: backbone size (random weights; the large ones need --device cuda)")
     benchmark.add_argument("--videos", type=int, default=4, help="features stage: videos per measurement")
-    benchmark.add_argument("--image-size", type=int, default=448)
-    benchmark.add_argument("--device", default="cpu")
+    benchmark.add_argument("--image-size", type=int, default=448, help="features stage: frame size")
+    benchmark.add_argument("--device", default="cpu", help="where the models run")
     benchmark.add_argument("--out", default="bench.json", help="where the JSON results go")
+    benchmark.add_argument("--json", action="store_true", help="print the results as JSON only")
     _add_feature_args(benchmark)
     benchmark.set_defaults(run=_bench)
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     from .data import DatasetError
     from .model import CheckpointError
     from .video import VideoReadError
@@ -302,7 +434,8 @@ def main(argv=None) -> int:
     try:
         return args.run(args)
     # Problems with the user's input or files: one clear line, no traceback.
-    except (DatasetError, VideoReadError, CheckpointError, FileExistsError, FileNotFoundError, ValueError) as error:
+    except (UsageError, DatasetError, VideoReadError, CheckpointError, FileExistsError, FileNotFoundError,
+            ValueError) as error:
         print(f"fvq-rater {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -102,6 +102,8 @@ def parse_labels(path: str | os.PathLike) -> tuple[list[Record], list[Problem]]:
             continue
         first_line[name] = number
         records.append(Record(name, mos, videos / name, number))
+    if not records and not problems:
+        problems.append(Problem(path, None, "no videos listed"))
     return records, problems
 
 

@@ -28,6 +28,7 @@ The same seed gives the same files byte for byte.
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import math
 import shutil
@@ -225,11 +226,12 @@ def _plan_video(index: int, split: str, corner_case: str | None, seed: int,
 def plan_videos(n_videos: int, seed: int, frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE,
                 corner_cases_per_kind: int = 2) -> list[VideoPlan]:
     """Decide split, corner case, source, size and degradations of every video (no pixels yet)."""
-    sizes = split_sizes(n_videos)
     corner_cases = [kind for kind in CORNER_CASES for _ in range(corner_cases_per_kind)]
-    if len(corner_cases) >= sizes["test"]:
-        raise ValueError(f"{n_videos} videos give a test split of {sizes['test']}, too small for "
-                         f"{len(corner_cases)} corner cases plus a normal video; use more videos")
+    minimum = next(n for n in itertools.count(len(SPLITS)) if split_sizes(n)["test"] > len(corner_cases))
+    if n_videos < minimum:
+        raise ValueError(f"{n_videos} videos are too few: the test split needs {len(corner_cases)} corner cases plus "
+                         f"a normal video, so the minimum is {minimum} videos")
+    sizes = split_sizes(n_videos)
     normal_test = sizes["test"] - len(corner_cases)
     slots = ([("train", None)] * sizes["train"] + [("val", None)] * sizes["val"]
              + [("test", kind) for kind in corner_cases] + [("test", None)] * normal_test)

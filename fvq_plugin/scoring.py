@@ -189,7 +189,7 @@ class Scorer:
         `on_batch(n)` is called after each batch of n videos (a caller's own progress bar).
         """
         paths = [str(p) for p in paths]
-        done = _read_results(output) if output else {}
+        done = read_results(output) if output else {}
         todo = [p for p in dict.fromkeys(paths) if p not in done]
         if done:
             log.info("resuming: %d of %d videos already scored in %s", len(paths) - len(todo), len(paths), output)
@@ -216,7 +216,7 @@ class Scorer:
         return [done[p] for p in paths]
 
 
-def _read_results(output) -> dict:
+def read_results(output) -> dict:
     path = Path(output)
     if not path.is_file():
         return {}

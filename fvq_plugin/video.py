@@ -20,6 +20,8 @@ from PIL import Image
 
 BACKENDS = ("pyav", "decord")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+# What `fvq-rater score FOLDER` picks up; any file FFmpeg decodes can still be named directly.
+VIDEO_EXTENSIONS = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".flv", ".wmv", ".mpg", ".mpeg", ".ts", ".3gp")
 
 
 class VideoReadError(RuntimeError):

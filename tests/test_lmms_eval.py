@@ -181,7 +181,7 @@ def test_lmms_eval_alone_finds_the_model_and_the_tasks():
 def test_discovery_imports_nothing_heavy_and_steps_aside_once_both_frameworks_are_loaded():
     heavy = "sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'numpy', 'pyiqa', 'lmms_eval', 'transformers'})"
     assert _python(f"import sys; print({heavy})") == "[]"
-    assert _python(f"import sys; print('fvq_plugin' in sys.modules)") == "True"  # the .pth hook is installed
+    assert _python("import sys; print('fvq_plugin' in sys.modules)") == "True"  # the .pth hook is installed
     watching = "any(type(f).__name__ == '_AfterImport' for f in sys.meta_path)"
     assert _python(f"import sys, json, pyiqa; print({watching})") == "True"  # still waiting for lmms-eval
     assert _python(f"import sys, pyiqa, lmms_eval.tasks; print({watching})") == "False"
