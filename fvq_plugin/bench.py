@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import InputError
+
 
 def _timed(function, repeats: int = 3) -> float:
     """Median seconds of `repeats` calls (the first call warms caches and is not counted)."""
@@ -100,7 +102,7 @@ def real_size_backbone(name: str, tokenizer):
         text = LlamaConfig(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                            intermediate_size=14336, vocab_size=92553)
     else:
-        raise ValueError(f"unknown backbone size {name!r}; expected tiny, internvl2-1b or internvl2-8b")
+        raise InputError(f"unknown backbone size {name!r}; expected tiny, internvl2-1b or internvl2-8b")
     return InternVLConfig(vision_config=vision, text_config=text, image_token_id=tokenizer.context_image_token_id,
                           downsample_ratio=0.5, tie_word_embeddings=False)
 
@@ -113,7 +115,7 @@ def bench_model(size: str = "tiny", device: str = "cpu", dtype=None, batches=(1,
     backbone = tiny_backbone_config(tokenizer) if size == "tiny" else real_size_backbone(size, tokenizer)
     dtype = dtype or (torch.float32 if size == "tiny" else torch.bfloat16)
     if size != "tiny" and not str(device).startswith("cuda"):
-        raise ValueError(f"the {size} configuration needs a GPU (--device cuda)")
+        raise InputError(f"the {size} configuration needs a GPU (--device cuda)")
     with torch.device(device):
         model = FVQRater.random(FVQRaterConfig(face_dim=512), backbone, tokenizer).to(dtype).eval()
     height, width = model.image_size

@@ -109,12 +109,11 @@ def _media_files(inputs) -> list[str]:
 
 
 def _score(args) -> int:
-    from .scoring import read_results
-
     paths = _media_files(args.paths)
     _check_outputs(args)
-    resumed = len(set(paths) & set(read_results(args.output))) if args.output else 0
-    results = _scorer(args).score(paths, output=args.output, progress=not args.json)
+    scorer = _scorer(args)
+    results = scorer.score(paths, output=args.output, progress=not args.json)
+    resumed = scorer.resumed
     _maybe_csv(results, args.csv)
     failed = [r for r in results if "error" in r]
     if args.json:
@@ -162,7 +161,7 @@ def _eval(args) -> int:
     else:
         print(f"{args.split}: SRCC {report['srcc']:.4f}  PLCC {report['plcc']:.4f}  KRCC {report['krcc']:.4f}  "
               f"RMSE {report['rmse']:.3f}  ({counts})")
-    return 1 if too_few else 0
+    return 1 if too_few or report["failed"] else 0
 
 
 def _features(args) -> int:
@@ -427,15 +426,13 @@ def main(argv=None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    from .data import DatasetError
-    from .model import CheckpointError
+    from .errors import InputError
     from .video import VideoReadError
 
     try:
         return args.run(args)
-    # Problems with the user's input or files: one clear line, no traceback.
-    except (UsageError, DatasetError, VideoReadError, CheckpointError, FileExistsError, FileNotFoundError,
-            ValueError) as error:
+    # Problems with the user's input or files: one clear line. Anything else is a bug: its traceback stays.
+    except (UsageError, InputError, VideoReadError, FileExistsError, FileNotFoundError) as error:
         print(f"fvq-rater {args.command}: error: {error}", file=sys.stderr)
         return 2
 

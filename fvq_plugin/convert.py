@@ -67,6 +67,7 @@ from safetensors.torch import load_file
 from transformers import (AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig,
                           LlamaConfig, PreTrainedTokenizerFast, Qwen2Config)
 
+from .errors import InputError
 from .model import BACKBONE_DIR, FVQRater, FVQRaterConfig, LoraSettings
 
 REPORT_FILE = "conversion_report.txt"
@@ -111,7 +112,7 @@ INTERNLM2_RENAMES = [
 ]
 
 
-class ConversionError(ValueError):
+class ConversionError(InputError):
     """The source cannot be converted as asked; `report` (when there is one) says what did not match."""
 
     def __init__(self, message: str, report: ConversionReport | None = None):

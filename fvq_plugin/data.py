@@ -13,6 +13,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from torch.utils.data import Dataset
 
+from .errors import InputError
+
 SPLITS = ("train", "val", "test")
 LABELS_FILE = "labels.txt"
 VIDEOS_DIR = "videos"
@@ -40,7 +42,7 @@ class Problem:
         return f"{where}: {self.message}"
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     def __init__(self, problems: list[Problem]):
         self.problems = problems
         shown = "\n".join(f"  {p}" for p in problems[:20])
@@ -120,7 +122,16 @@ def read_split(root: str | os.PathLike, split: str = "test") -> list[Record]:
 
 
 def _missing_videos(labels: Path, records: list[Record]) -> list[Problem]:
-    return [Problem(labels, r.line, f"video {r.name!r} not found at {r.path}") for r in records if not r.path.is_file()]
+    """Listed videos that are absent, or that a symlink takes outside the dataset root."""
+    root = labels.parent.parent.resolve()
+    problems = []
+    for record in records:
+        if not record.path.is_file():
+            problems.append(Problem(labels, record.line, f"video {record.name!r} not found at {record.path}"))
+        elif not record.path.resolve().is_relative_to(root):
+            problems.append(Problem(labels, record.line, f"video {record.name!r} links outside the dataset root "
+                                                         f"{root}: {record.path.resolve()}"))
+    return problems
 
 
 def validate(root: str | os.PathLike, splits=SPLITS, deep: bool = False, progress: bool = True) -> list[Problem]:

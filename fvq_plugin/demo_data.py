@@ -41,9 +41,11 @@ import numpy as np
 from tqdm import tqdm
 
 from fvq_plugin.data import SPLITS
+from fvq_plugin.errors import InputError
 from fvq_plugin.video import write_video
 
 BUILDER_VERSION = 1
+MARKER = ".fvq-demo-set"  # written first by every build: only folders holding it are ever replaced
 SPLIT_FRACTIONS = {"train": 0.80, "val": 0.05, "test": 0.15}
 # 400 videos: 320 to train on, 60 to test; a tiny rater generalises far better than from 160.
 DEFAULT_VIDEOS = 400
@@ -150,7 +152,7 @@ def mos_from_severity(total: float, noise: float = 0.0) -> float:
 def split_sizes(n_videos: int) -> dict[str, int]:
     """Videos per split: 80/5/15 of n_videos, rounded half up, every split non-empty."""
     if n_videos < len(SPLITS):
-        raise ValueError(f"need at least {len(SPLITS)} videos to fill {SPLITS}, got {n_videos}")
+        raise InputError(f"need at least {len(SPLITS)} videos to fill {SPLITS}, got {n_videos}")
     val = max(1, math.floor(n_videos * SPLIT_FRACTIONS["val"] + 0.5))
     test = max(1, math.floor(n_videos * SPLIT_FRACTIONS["test"] + 0.5))
     return {"train": n_videos - val - test, "val": val, "test": test}
@@ -229,7 +231,7 @@ def plan_videos(n_videos: int, seed: int, frames: int = DEFAULT_FRAMES, size: in
     corner_cases = [kind for kind in CORNER_CASES for _ in range(corner_cases_per_kind)]
     minimum = next(n for n in itertools.count(len(SPLITS)) if split_sizes(n)["test"] > len(corner_cases))
     if n_videos < minimum:
-        raise ValueError(f"{n_videos} videos are too few: the test split needs {len(corner_cases)} corner cases plus "
+        raise InputError(f"{n_videos} videos are too few: the test split needs {len(corner_cases)} corner cases plus "
                          f"a normal video, so the minimum is {minimum} videos")
     sizes = split_sizes(n_videos)
     normal_test = sizes["test"] - len(corner_cases)
@@ -350,10 +352,16 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     if out_dir.exists() and any(out_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to replace the demo set there")
-        # Only what a build writes is removed, so a mistaken out_dir loses nothing else.
+        # Only a folder a build marked as its own is ever emptied: pointed at a real dataset by
+        # mistake, the demo refuses instead of deleting it.
+        if not (out_dir / MARKER).is_file():
+            raise FileExistsError(f"{out_dir} holds files that are not a demo set written by fvq-rater (no {MARKER} "
+                                  "marker); refusing to replace them: choose another folder")
         for split in SPLITS:
             shutil.rmtree(out_dir / split, ignore_errors=True)
         (out_dir / "meta.json").unlink(missing_ok=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / MARKER).write_text("a demo set written by fvq-rater; `fvq-rater demo` may replace this folder\n")
     for split in SPLITS:
         (out_dir / split / "videos").mkdir(parents=True, exist_ok=True)
 

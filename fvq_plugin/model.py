@@ -25,6 +25,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .errors import InputError
+from .quiet import quiet_noisy_loggers
+
+quiet_noisy_loggers()  # before transformers or peft import bitsandbytes
+
 STREAMS = ("spatial", "portrait", "face", "temporal")
 LEVELS = ("bad", "poor", "fair", "good", "excellent")
 CONFIG_FILE = "fvq_rater.json"
@@ -44,7 +49,7 @@ LLM_LORA_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", 
 WEIGHTS_ENV = "FVQ_RATER_WEIGHTS"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputError):
     """A directory that is not a loadable FVQ-Rater checkpoint."""
 
 
@@ -297,10 +302,11 @@ class FVQRater(nn.Module):
         for level in LEVELS:
             full = self.tokenizer(f"{self.config.answer_prefix} {level}", add_special_tokens=False).input_ids
             if full[:len(prefix)] != prefix or len(full) == len(prefix):
-                raise ValueError(f"the tokenizer does not continue {self.config.answer_prefix!r} with {level!r} cleanly")
+                raise CheckpointError(f"the tokenizer does not continue {self.config.answer_prefix!r} with {level!r} "
+                                      "cleanly")
             ids.append(full[len(prefix)])
         if len(set(ids)) != len(LEVELS):
-            raise ValueError(f"level words share a first token in this tokenizer: {dict(zip(LEVELS, ids))}")
+            raise CheckpointError(f"level words share a first token in this tokenizer: {dict(zip(LEVELS, ids))}")
         return torch.tensor(ids)
 
     # ----- forward ------------------------------------------------------------------------------
@@ -434,6 +440,8 @@ class FVQRater(nn.Module):
             raise CheckpointError(f"{config_path}: unsupported checkpoint format {data.get('format')!r}")
         config = FVQRaterConfig.from_dict(data)
         base_path = directory / data["backbone"]  # an absolute reference stays absolute
+        for folder in (base_path, directory / ADAPTER_DIR):
+            _require_safetensors(folder)
         vlm, tokenizer = load_backbone(base_path, **load_options)
         backbone = vlm
         if (directory / ADAPTER_DIR).is_dir():
@@ -450,6 +458,20 @@ class FVQRater(nn.Module):
                                   f"unexpected {problems.unexpected_keys}")
         model.to(vlm.get_input_embeddings().weight.device)
         return model.train(trainable)
+
+
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def _require_safetensors(folder: Path) -> None:
+    """Loading never unpickles: a weights folder without safetensors files is refused."""
+    if not folder.is_dir() or any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_WEIGHTS)
+    if pickled:
+        raise CheckpointError(f"{folder} holds pickle-based weights ({', '.join(pickled)}), which can run code when "
+                              "loaded; FVQ-Rater loads safetensors only. Re-save them as safetensors "
+                              "(save_pretrained(..., safe_serialization=True)) from a trusted environment.")
 
 
 def load_backbone(path, dtype=None, device_map=None, attn_implementation=None):

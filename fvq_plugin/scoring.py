@@ -4,10 +4,13 @@ Decoding and the CPU feature models run in DataLoader workers ahead of the devic
 the rater run batched on the device. Features are cached per file content and extractor
 configuration, so a second run (or another checkpoint using the same extractors) skips them.
 A video that cannot be read is recorded with its reason and the run goes on; results are
-appended to a JSONL file as they come, which is also how an interrupted run resumes.
+appended to a JSONL file as they come, which is also how an interrupted run resumes. Each line
+carries the hash of the video's bytes and the scorer's fingerprint (weights, settings, versions):
+a changed video is scored again, and a file written by another scorer is refused, never reused.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -21,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .errors import InputError
 from .features import FeatureExtractor, model_inputs
 from .video import VideoReadError
 
@@ -33,6 +37,11 @@ class Extracted:
     features: dict | None   # None when the video failed
     error: str | None = None
     cached: bool = False
+    content: str | None = None  # hash of the file's bytes (None when it could not be read)
+
+
+class ResultsFileError(InputError):
+    """An --output file that holds results this run must not resume from."""
 
 
 class FeatureCache:
@@ -91,19 +100,19 @@ class _PreparedVideos(Dataset):
     def __getitem__(self, index):
         path = self.paths[index]
         try:
-            key = self.cache.content_key(path) if self.cache else None
+            key = FeatureCache.content_key(path)
         except OSError as error:
-            return Extracted(path, None, f"cannot read file: {error.strerror or error}"), None
+            return Extracted(path, None, f"cannot read file: {error.strerror or error}")
         cached = self.cache.load(key) if self.cache else None
         if cached is not None:
-            return Extracted(path, cached, cached=True), key
+            return Extracted(path, cached, cached=True, content=key)
         try:
-            return Extracted(path, self.preparer(path)), key
+            return Extracted(path, self.preparer(path), content=key)
         except VideoReadError as error:
-            return Extracted(path, None, error.reason), key
+            return Extracted(path, None, error.reason, content=key)
         except Exception as error:  # one bad video must not end a 20,000-video run
             log.exception("feature extraction failed for %s", path)
-            return Extracted(path, None, f"{type(error).__name__}: {error}"), key
+            return Extracted(path, None, f"{type(error).__name__}: {error}", content=key)
 
 
 def _one_thread_per_worker(_):
@@ -125,13 +134,13 @@ def extract_features(paths, extractor: FeatureExtractor, cache_dir=None, batch_s
                         multiprocessing_context="forkserver" if workers else None)
     with tqdm(total=len(paths), desc="features", unit="video", disable=not progress) as bar:
         for items in loader:
-            fresh = [(item, key) for item, key in items if item.features is not None and not item.cached]
-            extractor.finish([item.features for item, _ in fresh])
+            fresh = [item for item in items if item.features is not None and not item.cached]
+            extractor.finish([item.features for item in fresh])
             if cache is not None:
-                for item, key in fresh:
-                    cache.save(key, item.features)
+                for item in fresh:
+                    cache.save(item.content, item.features)
             bar.update(len(items))
-            yield [item for item, _ in items]
+            yield items
 
 
 class Scorer:
@@ -141,17 +150,18 @@ class Scorer:
                  cache_dir=None):
         self.model, self.extractor = model.eval(), extractor
         self.batch_size, self.workers, self.cache_dir = batch_size, workers, cache_dir
+        self.resumed = 0  # videos the last score() call took from its output file
         self._check_compatible()
 
     def _check_compatible(self):
         config, features = self.model.config, self.extractor.config
         if set(config.streams) - set(features.streams):
-            raise ValueError(f"the model needs streams {config.streams}, the extractor gives {features.streams}")
+            raise InputError(f"the model needs streams {config.streams}, the extractor gives {features.streams}")
         if "face" in config.streams and self.extractor.face_dim != config.face_dim:
-            raise ValueError(f"face backend {features.face_backend!r} gives {self.extractor.face_dim}-d embeddings "
+            raise InputError(f"face backend {features.face_backend!r} gives {self.extractor.face_dim}-d embeddings "
                              f"but the model was trained on {config.face_dim}-d ones")
         if config.num_frames != features.num_frames:
-            raise ValueError(f"the model takes {config.num_frames} frames, the extractor samples {features.num_frames}")
+            raise InputError(f"the model takes {config.num_frames} frames, the extractor samples {features.num_frames}")
 
     @classmethod
     def from_pretrained(cls, checkpoint, device="cpu", dtype=None, device_map=None, attn_implementation=None,
@@ -189,10 +199,11 @@ class Scorer:
         `on_batch(n)` is called after each batch of n videos (a caller's own progress bar).
         """
         paths = [str(p) for p in paths]
-        done = read_results(output) if output else {}
+        done = self._still_valid(read_results(output), paths, output) if output else {}
         todo = [p for p in dict.fromkeys(paths) if p not in done]
+        self.resumed = len(done)
         if done:
-            log.info("resuming: %d of %d videos already scored in %s", len(paths) - len(todo), len(paths), output)
+            log.info("resuming: %d of %d videos already scored in %s", len(done), len(paths), output)
         sink = open(output, "a", encoding="utf-8") if output else None
         if sink and sink.tell() and not Path(output).read_bytes().endswith(b"\n"):
             sink.write("\n")  # a killed run's cut-off line must not swallow the next result
@@ -203,6 +214,7 @@ class Scorer:
                 for item in items:
                     result = ({"path": item.path, **next(predictions), "info": item.features["info"]}
                               if item.features is not None else {"path": item.path, "error": item.error})
+                    result.update(content=item.content, scorer=self.fingerprint)
                     done[item.path] = result
                     if sink:
                         sink.write(json.dumps(result) + "\n")
@@ -215,18 +227,59 @@ class Scorer:
                 sink.close()
         return [done[p] for p in paths]
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """What a score depends on besides the video: the rater's configuration, base and trained
+        weights (heads, projectors, LoRA), the feature settings and the code versions."""
+        from . import __version__
+
+        digest = hashlib.blake2b(digest_size=16)
+        base = self.model.base_path.resolve() if self.model.base_path else None
+        described = {"model": self.model.config.to_dict(), "base": str(base),
+                     "features": self.extractor.key_digest(), "fvq_plugin": __version__}
+        digest.update(json.dumps(described, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            if not name.startswith("backbone.") or "lora_" in name:
+                digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+        return digest.hexdigest()
+
+    def _still_valid(self, previous: dict, paths, output) -> dict:
+        """The results in `output` that hold for this run: the same scorer, and files whose bytes are unchanged."""
+        if not previous:
+            return {}
+        if {r.get("scorer") for r in previous.values()} != {self.fingerprint}:
+            raise ResultsFileError(f"{output} holds results of another checkpoint, other settings or another "
+                                   "fvq-plugin version; resume only with the same ones, or write to a new output file")
+        valid = {}
+        for path in dict.fromkeys(paths):
+            result = previous.get(path)
+            try:
+                if result is not None and result.get("content") == FeatureCache.content_key(path):
+                    valid[path] = result
+            except OSError:
+                pass  # scored again, and its error recorded
+        return valid
+
 
 def read_results(output) -> dict:
+    """The last result per path in a JSONL results file; lines that are not results are skipped with a warning."""
     path = Path(output)
     if not path.is_file():
         return {}
-    results = {}
+    results, skipped = {}, 0
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
             result = json.loads(line)
         except json.JSONDecodeError:
-            continue  # the last line of a killed run may be cut short; that video is scored again
+            # the last line of a killed run may be cut short; that video is scored again
+            skipped += line.strip() != ""
+            continue
+        if not isinstance(result, dict) or not isinstance(result.get("path"), str):
+            skipped += 1
+            continue
         results[result["path"]] = result
+    if skipped:
+        log.warning("%s: skipped %d line(s) that are not results", output, skipped)
     return results
 
 

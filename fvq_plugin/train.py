@@ -146,10 +146,12 @@ def train(model: FVQRater, spatial, train_set: tuple[list[dict], list[float]],
             record.update(_validate(prepared_model, model, accelerator, val_set, spatial, config))
         history.append(record)
         accelerator.print(json.dumps(record))
-        # Without validation the last epoch counts as best; a NaN SRCC (constant predictions) never does.
-        improved = val_set is None or record["val_srcc"] > best
-        if improved and val_set is not None:
-            best = record["val_srcc"]
+        # Without validation the last epoch counts as best. A NaN SRCC (constant predictions) never beats
+        # a number, but the first epoch always writes best/, so a run always leaves one.
+        current = record["val_srcc"] if val_set is not None else math.nan
+        improved = val_set is None or current > best or (epoch == 0 and best == -math.inf)
+        if improved and not math.isnan(current):
+            best = current
         _checkpoint(accelerator, model, output_dir, epoch, history, best, improved)
     accelerator.wait_for_everyone()
     return {"history": history, "best_srcc": best, "output_dir": str(output_dir)}

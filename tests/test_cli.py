@@ -47,7 +47,7 @@ def test_json_output_is_only_json(checkpoint, demo_set, one_video, tmp_path, cap
     (root / "test" / "videos" / "broken.mp4").write_bytes(b"junk")
     with open(root / "test" / "labels.txt", "a") as labels:
         labels.write("broken.mp4,40\n")
-    assert main(["eval", "--data", str(root), "--weights", str(checkpoint), "--json"]) == 0
+    assert main(["eval", "--data", str(root), "--weights", str(checkpoint), "--json"]) == 1  # a video failed
     captured = capsys.readouterr()
     assert json.loads(captured.out)["failed"] == 1 and "failed: " in captured.err and "broken.mp4" in captured.err
     assert main(["bench", "--stage", "model", "--out", str(tmp_path / "bench.json"), "--json"]) == 0
@@ -161,3 +161,14 @@ def test_train_on_a_local_internvl_backbone(demo_set, tmp_path, capsys):
                  str(backbone), "--temporal-random", "--epochs", "1", "--frames", "4"]) == 0
     config = json.loads((tmp_path / "run" / "best" / "fvq_rater.json").read_text())
     assert config["features"]["image_size"] == 32 and config["backbone"] == str(backbone.resolve())
+
+
+def test_only_input_errors_become_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys, tmp_path):
+    from fvq_plugin.errors import InputError
+
+    monkeypatch.setattr(cli, "_validate", lambda args: (_ for _ in ()).throw(InputError("your file is odd")))
+    assert main(["validate", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "fvq-rater validate: error: your file is odd\n"
+    monkeypatch.setattr(cli, "_validate", lambda args: (_ for _ in ()).throw(ValueError("an internal bug")))
+    with pytest.raises(ValueError, match="an internal bug"):
+        main(["validate", str(tmp_path)])

@@ -97,3 +97,14 @@ def test_unknown_split_is_rejected(dataset):
     with pytest.raises(ValueError, match="unknown split"):
         read_split(dataset, "dev")
     assert SPLITS == ("train", "val", "test")
+
+
+def test_a_symlink_out_of_the_dataset_root_is_a_problem_never_read(dataset, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("elsewhere") / "secret.mp4"
+    outside.write_bytes((dataset / "test" / "videos" / "d.mp4").read_bytes())
+    (dataset / "test" / "videos" / "e.mp4").unlink()
+    (dataset / "test" / "videos" / "e.mp4").symlink_to(outside)
+    problems = [str(p) for p in validate(dataset, splits=["test"], progress=False)]
+    assert len(problems) == 1 and "labels.txt:4: video 'e.mp4' links outside the dataset root" in problems[0]
+    with pytest.raises(DatasetError, match="links outside"):
+        read_split(dataset, "test")

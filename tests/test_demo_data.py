@@ -1,6 +1,7 @@
 import hashlib
 import json
 import re
+import shutil
 from pathlib import Path
 
 import av
@@ -150,9 +151,27 @@ def test_refuses_non_empty_dir(tmp_path):
     tiny = dict(n_videos=3, frames=6, size=32, corner_cases_per_kind=0, progress=False)
     with pytest.raises(FileExistsError, match=re.escape(str(tmp_path))):
         build_demo_set(tmp_path, **tiny)
-    summary = build_demo_set(tmp_path, overwrite=True, **tiny)
-    assert (tmp_path / "keep.txt").exists() and summary["n_videos"] == 3
+    with pytest.raises(FileExistsError, match="not a demo set written by fvq-rater"):
+        build_demo_set(tmp_path, overwrite=True, **tiny)  # not our folder: never emptied
+    built = tmp_path / "built"
+    build_demo_set(built, **tiny)
+    (built / "keep.txt").write_text("x")
+    summary = build_demo_set(built, overwrite=True, seed=1, **tiny)  # our own folder may be replaced
+    assert (built / "keep.txt").exists() and summary["n_videos"] == 3
     assert "train" in format_summary(summary)
+
+
+def test_the_demo_never_deletes_a_real_dataset_in_its_workdir(demo_set, tmp_path, capsys):
+    from fvq_plugin.cli import main
+
+    real = tmp_path / "work" / "data"
+    shutil.copytree(demo_set, real)
+    (real / ".fvq-demo-set").unlink()  # a user's own FVQ-20K copy carries no demo marker
+    (real / "meta.json").unlink()
+    before = sorted(p.relative_to(real) for p in real.rglob("*"))
+    assert main(["demo", "--workdir", str(tmp_path / "work"), "--videos", "60"]) == 2
+    assert "refusing to replace them" in capsys.readouterr().err
+    assert sorted(p.relative_to(real) for p in real.rglob("*")) == before
 
 
 def test_missing_source_is_named():

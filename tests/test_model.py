@@ -154,3 +154,16 @@ def test_the_level_word_names_the_bin_of_the_score_shown_and_the_level_head_is_r
     assert [r["level"] for r in results] == ["bad", "poor", "excellent", "bad", "good"]  # 19.999 shows as 20.00
     assert results[0]["text"] == "The video quality is bad. The score is 18.77."
     assert all(max(r["level_probs"], key=r["level_probs"].get) == "excellent" for r in results)
+
+
+def test_pickle_based_weights_are_refused_before_anything_is_unpickled(tmp_path, model, monkeypatch):
+    import torch as torch_module
+
+    model.save_pretrained(tmp_path / "ckpt")
+    adapter = tmp_path / "ckpt" / "adapter"
+    weights = next(adapter.glob("*.safetensors"))
+    torch_module.save({"x": torch_module.zeros(1)}, adapter / "adapter_model.bin")
+    weights.unlink()
+    monkeypatch.setattr(torch_module, "load", lambda *a, **k: pytest.fail("a pickle was loaded"))
+    with pytest.raises(CheckpointError, match="pickle-based weights \\(adapter_model.bin\\).*safetensors only"):
+        FVQRater.from_pretrained(tmp_path / "ckpt")

@@ -26,6 +26,17 @@ def trained_state(model):
     return {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k or not k.startswith("backbone.")}
 
 
+def test_a_run_whose_validation_srcc_is_always_nan_still_writes_best(tmp_path, extractor, data):
+    (train_features, train_mos), (val_features, val_mos) = data
+    constant_val = (val_features, [50.0] * len(val_mos))  # constant MOS: SRCC is undefined every epoch
+    with pytest.warns(RuntimeWarning, match="constant MOS"):
+        result = train(tiny_rater(extractor), extractor.preparer.spatial, (train_features, train_mos), constant_val,
+                       TrainConfig(stage=2, epochs=2, lr=1e-3), tmp_path, progress=False)
+    assert all(r["val_srcc"] != r["val_srcc"] for r in result["history"])  # NaN
+    best = json.loads((tmp_path / "best" / training.PROGRESS_FILE).read_text())
+    assert best["epoch"] == 0 and FVQRater.from_pretrained(tmp_path / "best") is not None
+
+
 def test_stages_write_best_and_last_checkpoints(tmp_path, extractor, data):
     model = tiny_rater(extractor)
     result = train(model, extractor.preparer.spatial, *data, TrainConfig(stage=1, epochs=2, lr=1e-3), tmp_path,

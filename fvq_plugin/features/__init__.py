@@ -19,6 +19,9 @@ from ..video import sample_and_dense, sample_frames, uniform_indices
 from .spatial import SpatialFeatures
 
 STREAMS = ("spatial", "portrait", "face", "temporal")
+# Part of every feature-cache key: bump it whenever preprocessing changes what a cached feature holds,
+# so no run reuses features computed by older code.
+FEATURES_VERSION = 1
 
 
 @dataclass
@@ -139,9 +142,12 @@ class FeatureExtractor:
         return self.preparer.face.dim if self.preparer.face is not None else None
 
     def key(self) -> dict:
+        from .. import __version__
+
         key = self.preparer.key()
         if self.temporal is not None:
             key["temporal"] = self.temporal.config()
+        key["code"] = {"fvq_plugin": __version__, "features": FEATURES_VERSION}
         return key
 
     def key_digest(self) -> str:

