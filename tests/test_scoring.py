@@ -179,3 +179,38 @@ def test_scores_do_not_depend_on_the_batch_size(checkpoint, demo_set, feature_ca
     # Bit-identical on CPU when measured; the documented bound is 1e-4 on the 0-100 scale.
     assert [r["score"] for r in one] == pytest.approx([r["score"] for r in four], abs=1e-4)
     assert [r["level"] for r in one] == [r["level"] for r in four]
+
+
+def test_a_scoring_run_killed_mid_way_resumes_to_the_uninterrupted_results(checkpoint, demo_set, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    folder = demo_set / "test" / "videos"
+    output = tmp_path / "killed.jsonl"
+    command = [sys.executable, "-m", "fvq_plugin.cli", "score", str(folder), "--weights", str(checkpoint),
+               "--batch-size", "1", "--output", str(output)]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None:
+        if output.is_file() and output.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    written = output.read_text().count("\n")
+    assert 2 <= written < len(list(folder.iterdir())), "the run was not killed mid-way"
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    whole = tmp_path / "whole.jsonl"
+    assert subprocess.run([*command[:-1], str(whole)], capture_output=True).returncode == 0
+    resumed, uninterrupted = read_results(output), read_results(whole)
+    assert sorted(resumed) == sorted(uninterrupted) == sorted(str(p) for p in folder.iterdir())
+    assert {p: r["score"] for p, r in resumed.items()} == {p: r["score"] for p, r in uninterrupted.items()}
+    complete = []
+    for line in output.read_text().splitlines():
+        try:
+            complete.append(json.loads(line)["path"])
+        except json.JSONDecodeError:
+            pass  # the line the kill cut short
+    assert len(complete) == len(set(complete))  # no video scored twice
