@@ -49,13 +49,13 @@ def _feature_overrides(args) -> dict:
 
 
 def _check_runtime(args) -> None:
-    """--device and --attn problems, found before a model is loaded."""
-    if args.device.startswith("cuda"):
+    """--device and --attn problems of any command that has them, found before a model is loaded."""
+    if getattr(args, "device", "cpu").startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
             raise UsageError(f"--device {args.device}: no CUDA GPU is visible to torch here; use --device cpu")
-    if args.attn == "flash_attention_2":
+    if getattr(args, "attn", None) == "flash_attention_2":
         import importlib.util
 
         if importlib.util.find_spec("flash_attn") is None:
@@ -79,7 +79,6 @@ def _scorer(args):
     from .model import checkpoint_path, parse_dtype
     from .scoring import Scorer
 
-    _check_runtime(args)
     return Scorer.from_pretrained(checkpoint_path(args.weights, "--weights DIR"), device=args.device,
                                   dtype=parse_dtype(args.dtype), device_map=args.device_map, attn_implementation=args.attn,
                                   feature_overrides=_feature_overrides(args), batch_size=args.batch_size,
@@ -430,6 +429,7 @@ def main(argv=None) -> int:
     from .video import VideoReadError
 
     try:
+        _check_runtime(args)
         return args.run(args)
     # Problems with the user's input or files: one clear line. Anything else is a bug: its traceback stays.
     except (UsageError, InputError, VideoReadError, FileExistsError, FileNotFoundError) as error:

@@ -61,7 +61,7 @@ def parse_dtype(name):
     if name is None or isinstance(name, torch.dtype) or name == "auto":
         return None if name == "auto" else name
     if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+        raise InputError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
     return getattr(torch, name)
 
 
@@ -380,6 +380,10 @@ class FVQRater(nn.Module):
         return results
 
     # ----- checkpoints --------------------------------------------------------------------------
+
+    def trained_state_dict(self) -> dict:
+        """Everything training changes: heads, projectors and LoRA weights (the base backbone stays frozen)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.") or "lora_" in k}
 
     def heads_state_dict(self) -> dict:
         return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}

@@ -174,7 +174,8 @@ class Scorer:
                                          attn_implementation=attn_implementation)
         if device_map is None:
             model.to(device)
-        features = FeatureConfig.from_dict({**model.config.features, **(feature_overrides or {})})
+        overrides = {k: v for k, v in (feature_overrides or {}).items() if v is not None}  # None: the checkpoint's
+        features = FeatureConfig.from_dict({**model.config.features, **overrides})
         return cls(model, FeatureExtractor(features, device=device), **options)
 
     @property
@@ -238,9 +239,8 @@ class Scorer:
         described = {"model": self.model.config.to_dict(), "base": str(base),
                      "features": self.extractor.key_digest(), "fvq_plugin": __version__}
         digest.update(json.dumps(described, sort_keys=True, default=str).encode())
-        for name, tensor in sorted(self.model.state_dict().items()):
-            if not name.startswith("backbone.") or "lora_" in name:
-                digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
+        for name, tensor in sorted(self.model.trained_state_dict().items()):
+            digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
         return digest.hexdigest()
 
     def _still_valid(self, previous: dict, paths, output) -> dict:

@@ -172,3 +172,11 @@ def test_only_input_errors_become_one_line_and_bugs_keep_their_traceback(monkeyp
     monkeypatch.setattr(cli, "_validate", lambda args: (_ for _ in ()).throw(ValueError("an internal bug")))
     with pytest.raises(ValueError, match="an internal bug"):
         main(["validate", str(tmp_path)])
+
+
+def test_train_checks_device_and_attention_before_loading_anything(demo_set, tmp_path, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "--device cuda: no CUDA GPU is visible" in error_of(capsys, "train", "--data", str(demo_set), "--stage",
+                                                                "1", "--out", str(tmp_path / "run"), "--device", "cuda")

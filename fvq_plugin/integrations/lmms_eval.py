@@ -83,8 +83,7 @@ class FVQRaterLMM(lmms):
         self._world_size = self.accelerator.num_processes
         # One device per rank when lmms-eval runs under accelerate launch.
         self._device = str(self.accelerator.device) if self._world_size > 1 else device or str(self.accelerator.device)
-        overrides = {k: v for k, v in {"face_models": face_models, "temporal_weights": temporal_weights,
-                                       "portrait_model": portrait_model}.items() if v is not None}
+        overrides = {"face_models": face_models, "temporal_weights": temporal_weights, "portrait_model": portrait_model}
         self.scorer = Scorer.from_pretrained(
             checkpoint_path(pretrained, "--model_args pretrained=DIR"), device=self._device,
             dtype=parse_dtype(dtype), device_map=device_map, attn_implementation=attn_implementation,

@@ -59,8 +59,7 @@ class FVQRaterArch(nn.Module):
         if not pretrained:
             raise ValueError("fvq_rater has no random-weight mode: it needs FVQ-Rater weights")
         path = checkpoint_path(pretrained_model_path, "pretrained_model_path=DIR to pyiqa.create_metric")
-        overrides = {k: v for k, v in {"face_models": face_models, "temporal_weights": temporal_weights,
-                                       "portrait_model": portrait_model}.items() if v is not None}
+        overrides = {"face_models": face_models, "temporal_weights": temporal_weights, "portrait_model": portrait_model}
         self.scorer = Scorer.from_pretrained(path, dtype=dtype, device_map=device_map,
                                              attn_implementation=attn_implementation, feature_overrides=overrides,
                                              batch_size=batch_size)
