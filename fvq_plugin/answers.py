@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 
-LEVELS = ("bad", "poor", "fair", "good", "excellent")  # fvq_plugin.model.LEVELS, without importing torch
+from .common import LEVELS
 LEVEL_CENTRES = {level: 10.0 + 20.0 * i for i, level in enumerate(LEVELS)}
 ERROR_PREFIX = "[error] "
 SCORED, UNPARSED, FAILED = "scored", "unparsed", "failed"

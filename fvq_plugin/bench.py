@@ -52,7 +52,7 @@ def _face_clip(path: Path, frames: int, seed: int, size=(640, 360)) -> Path:
 def bench_features(config=None, videos: int = 4, device: str = "cpu") -> dict:
     from .features import FeatureConfig, FeatureExtractor
     from .scoring import extract_features
-    from .video import dense_clip, sample_frames
+    from .video import all_frames, dense_clip, sample_frames
 
     config = config or FeatureConfig(temporal_random=True)
     extractor = FeatureExtractor(config, device=device)
@@ -72,8 +72,11 @@ def bench_features(config=None, videos: int = 4, device: str = "cpu") -> dict:
             stages["face"] = _timed(lambda: [preparer.face(f) for f in frames]) / videos
         if extractor.temporal is not None:
             def temporal():
-                dense = [dense_clip(c, config.temporal_frames, config.temporal_size).frames for c in clips]
-                extractor.temporal(torch.stack([preparer.clip_preprocess(d) for d in dense]))
+                if config.temporal_preprocess == "finevq":
+                    dense = [all_frames(c, size=extractor.temporal.size).frames for c in clips]
+                else:
+                    dense = [dense_clip(c, config.temporal_frames, config.temporal_size).frames for c in clips]
+                extractor.temporal([preparer.clip_preprocess(d) for d in dense])
             stages["temporal"] = _timed(temporal, repeats=1) / videos
 
         def pipeline(cache):

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from .common import WEIGHTS_ENV
+
 DEMO_DIR = "fvq-demo"
 DEFAULT_VIDEOS = 400  # fvq_plugin.demo_data.DEFAULT_VIDEOS, without importing numpy/cv2 for --help
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
@@ -37,12 +39,12 @@ def _validate(args) -> int:
     return 1 if problems else 0
 
 
-WEIGHTS_ENV = "FVQ_RATER_WEIGHTS"  # fvq_plugin.model.WEIGHTS_ENV, without importing torch for --help
 
 
 def _feature_overrides(args) -> dict:
-    names = ("video_backend", "face_backend", "face_models", "portrait_model", "temporal_weights")
-    overrides = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    from .features.pipeline import FEATURE_OVERRIDES
+
+    overrides = {name: getattr(args, name) for name in FEATURE_OVERRIDES if getattr(args, name, None) is not None}
     if getattr(args, "temporal_random", False):
         overrides["temporal_random"] = True
     return overrides
@@ -76,12 +78,13 @@ def _check_output_file(path, flag: str, example: str) -> None:
 
 
 def _scorer(args):
-    from .model import checkpoint_path, parse_dtype
+    from .checkpoint import checkpoint_path, parse_dtype
     from .scoring import Scorer
 
     return Scorer.from_pretrained(checkpoint_path(args.weights, "--weights DIR"), device=args.device,
                                   dtype=parse_dtype(args.dtype), device_map=args.device_map, attn_implementation=args.attn,
-                                  feature_overrides=_feature_overrides(args), batch_size=args.batch_size,
+                                  feature_overrides=_feature_overrides(args), merge_lora=args.merge_lora,
+                                  batch_size=args.batch_size,
                                   workers=args.workers, cache_dir=args.cache)
 
 
@@ -170,9 +173,10 @@ def _features(args) -> int:
 
     read_split(args.data, args.split)
     if args.weights:  # the feature configuration the checkpoint was trained with, so `eval --cache` finds them
-        from .model import CONFIG_FILE, checkpoint_path
+        from .checkpoint import checkpoint_path, feature_settings, read_config
 
-        config = json.loads((Path(checkpoint_path(args.weights, "--weights DIR")) / CONFIG_FILE).read_text())["features"]
+        directory = checkpoint_path(args.weights, "--weights DIR")
+        config = feature_settings(directory, read_config(directory)["features"])
     else:
         config = {"image_size": args.image_size}
     extractor = FeatureExtractor(_feature_config(config, args), device=args.device)
@@ -197,7 +201,9 @@ def _feature_config(base: dict, args):
 def _train(args) -> int:
     from .data import read_split
     from .features import FeatureExtractor
-    from .model import FVQRater, FVQRaterConfig, LoraSettings, checkpoint_path, load_backbone, parse_dtype
+    from .checkpoint import checkpoint_path, load_backbone, parse_dtype
+    from .model import FVQRater, FVQRaterConfig, LoraSettings
+    from .recipe import load_recipe
     from .scoring import split_features
     from .tiny import tiny_rater
     from .train import TrainConfig, train
@@ -228,14 +234,19 @@ def _train(args) -> int:
 
             # The tiny random backbone is a toy: it gets the demo's small feature settings (random SlowFast).
             base = DEMO_FEATURES.to_dict()
-        extractor = FeatureExtractor(_feature_config({**base, "num_frames": args.frames}, args), device=args.device)
+        recipe = load_recipe(args.recipe, args.recipe_file)
+        recipe = recipe.derive(num_frames=args.frames or recipe.num_frames)
+        # The toy backbone keeps the demo's cheap SlowFast clip (tiny_rater names the recipe after the change).
+        base.update(num_frames=recipe.num_frames, frame_sampling=recipe.frame_sampling,
+                    temporal_preprocess=base["temporal_preprocess"] if not args.backbone else recipe.temporal)
+        extractor = FeatureExtractor(_feature_config(base, args), device=args.device)
         if args.backbone:
             vlm, tokenizer = load_backbone(args.backbone, dtype=parse_dtype(args.dtype), attn_implementation=args.attn)
-            config = FVQRaterConfig(num_frames=args.frames, face_dim=extractor.face_dim, lora=lora,
+            config = FVQRaterConfig(face_dim=extractor.face_dim, recipe=recipe, lora=lora,
                                     features=extractor.config.to_dict())
             model = FVQRater.create(config, vlm, tokenizer, base_path=args.backbone)
         else:
-            model = tiny_rater(extractor, args.seed, lora=lora)
+            model = tiny_rater(extractor, args.seed, recipe=recipe, lora=lora)
     train_set = split_features(args.data, "train", extractor, args.cache, args.batch_size, args.workers)
     val_set = split_features(args.data, "val", extractor, args.cache, args.batch_size, args.workers)
     config = TrainConfig(stage=args.stage, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -248,8 +259,10 @@ def _train(args) -> int:
 
 def _convert(args) -> int:
     from .convert import main_convert
+    from .recipe import load_recipe
 
-    return main_convert(args.src, args.dst, args.map or [], allow_unmatched=args.allow_unmatched)
+    return main_convert(args.src, args.dst, args.map or [], allow_unmatched=args.allow_unmatched,
+                        recipe=load_recipe(args.recipe, args.recipe_file))
 
 
 def _bench(args) -> int:
@@ -259,7 +272,7 @@ def _bench(args) -> int:
         from .features import FeatureConfig
 
         config = FeatureConfig.from_dict({"temporal_random": True, "image_size": args.image_size,
-                                          **_feature_overrides(args)})
+                                          "temporal_preprocess": args.temporal, **_feature_overrides(args)})
         result = bench.bench_features(config, videos=args.videos, device=args.device)
         table = bench.format_features(result)
     else:
@@ -288,6 +301,14 @@ def _add_feature_args(parser):
     group.add_argument("--temporal-random", action="store_true", help="random SlowFast weights (testing only)")
 
 
+def _add_recipe_args(parser, what: str):
+    from .recipe import RECIPES  # torch-free
+
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--recipe", choices=list(RECIPES), help=f"conventions of {what} (default: fvq)")
+    group.add_argument("--recipe-file", help="a JSON recipe stating every convention (see fvq_plugin/recipe.py)")
+
+
 def _add_output_args(parser):
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     parser.add_argument("--output", help="append per-video results to this .jsonl file; an interrupted run resumes")
@@ -305,6 +326,9 @@ def _add_runtime_args(parser, weights=True):
     parser.add_argument("--batch-size", type=int, default=8, help="videos per forward")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding ahead")
     parser.add_argument("--cache", help="feature cache folder")
+    if weights:
+        parser.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
+                            help="fold LoRA into the base weights for inference")
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
@@ -380,7 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     start = training.add_mutually_exclusive_group()
     start.add_argument("--init", help="continue from an FVQ-Rater checkpoint (e.g. stage 1's best)")
     start.add_argument("--backbone", help="new rater on an InternVL checkpoint in transformers' layout")
-    training.add_argument("--frames", type=int, default=8, help="frames sampled per video (new raters)")
+    _add_recipe_args(training, "new raters")
+    training.add_argument("--frames", type=int, help="frames sampled per video (new raters; default: the recipe's)")
     training.add_argument("--epochs", type=int, default=3, help="passes over the training split")
     training.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (cosine schedule)")
     training.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step")
@@ -403,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="name the release's extra modules, e.g. --map quality_head.=score_head. (repeatable)")
     convert.add_argument("--allow-unmatched", action="store_true",
                          help="write even if some release keys are unused (the report lists them)")
+    _add_recipe_args(convert, "the release's conventions")
     convert.set_defaults(run=_convert)
 
     benchmark = commands.add_parser("bench", help="time the feature and model stages (ratios from one run)")
@@ -411,6 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
                            help="model stage: backbone size (random weights; the large ones need --device cuda)")
     benchmark.add_argument("--videos", type=int, default=4, help="features stage: videos per measurement")
     benchmark.add_argument("--image-size", type=int, default=448, help="features stage: frame size")
+    benchmark.add_argument("--temporal", choices=["finevq", "kinetics"], default="finevq",
+                           help="features stage: SlowFast preprocessing (finevq: every frame at 448, the fvq recipe's)")
     benchmark.add_argument("--device", default="cpu", help="where the models run")
     benchmark.add_argument("--out", default="bench.json", help="where the JSON results go")
     benchmark.add_argument("--json", action="store_true", help="print the results as JSON only")

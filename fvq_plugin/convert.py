@@ -15,38 +15,36 @@ FVQ-Rater is built on InternVL, whose original releases use OpenGVLab's custom c
 The result is transformers' native InternVLForConditionalGeneration, checked against the key names
 and shapes of the native model built from the converted config.
 
-What is NOT known
------------------
-The authors released no code, so the names of FVQ-Rater's own modules (the portrait, face and
-temporal projectors, the "no face" token and the score head) in their checkpoint are unknown.
-Every source key outside vision_model./mlp1./language_model. is such an extra key. Keys already
-named like ours (`projectors.*`, `score_head.*`, `no_face`) are used as they are; any other name
-must be mapped with a prefix map. Inspect a real checkpoint by running the conversion once: the
-strict report lists every unused source key with its shape next to every FVQ-Rater weight still
-missing with its expected shape, e.g.
+A release's own conventions come from a recipe (fvq_plugin/recipe.py): its prompt, projector and
+score-head structures, read-out position, preprocessing, and its module names:
+  release_names     {release prefix: ours}, e.g. FineVQ's motion_mlp. -> projectors.temporal.,
+                    mlpscore. -> score_head. (fc1..fc5)
+  release_temporal  the prefix of SlowFast-R50's blocks 0-4 (FineVQ: slowfast_model.feature_extraction.),
+                    exported as temporal/slowfast_r50.safetensors inside the converted checkpoint
+  release_unused    tensors the release's own code never uses (FineVQ's mlpscore.ln1.): dropped, reported
+  lora_scaling      alpha / r for LoRA saved un-merged (PEFT's base_model.model. prefixes, .base_layer,
+                    lora_A/lora_B): merged as W + scaling * B @ A on the fused qkv / wqkv before splitting
+`--recipe finevq` loads FineVQ's layout exactly. FVQ-Rater's authors released no code, so the names
+of its portrait and face projectors and "no face" token are unknown; the `fvq` recipe keeps FineVQ's
+names where FineVQ had the module. Run the conversion once: the strict report lists every unused
+source key with its shape next to every FVQ-Rater weight still missing with its expected shape, e.g.
 
     fvq-rater convert ./FVQ-Rater ./fvq-rater-converted
       source keys not used (6):
         face_mlp.0.weight  [4096, 512]
         ...
       FVQ-Rater weights missing from the source (6):
-        projectors.face.0.weight  [4096, 512]
+        projectors.face.0.weight  [512]
         ...
 
-then map them by prefix and convert again:
-
-    fvq-rater convert ./FVQ-Rater ./fvq-rater-converted --map face_mlp.=projectors.face. --map ...
-
+then name them by prefix (`--map face_mlp.=projectors.face.`), or write a recipe file stating the
+release's names and structures (`--recipe-file fvq-rater.json`) and convert again.
 (`huggingface-cli download Human-X/FVQ-Rater --local-dir ./FVQ-Rater` fetches the release; this
-module reads local directories only.) A prefix map applies to any source key, so a head stored
-inside the LLM (e.g. `language_model.score_head.`) can be mapped too. Our module shapes (an MLP
-Linear-GELU-Linear per stream, a Linear-GELU-Linear(1) score head scaled by 100) are our reading of
-the paper; a release whose heads differ in structure reports shape mismatches instead of loading.
-The prompt the authors used, and how many frames they sampled, are not known either: the
-converted model uses our prompt and FVQRaterConfig's defaults unless `rater_config` says otherwise.
+module reads local directories only.) A release whose heads differ in structure from the recipe's
+reports shape mismatches instead of loading.
 
-This conversion was tested on synthetic checkpoints written in the chat layout from tiny random
-models (identical outputs after conversion), never against the real released weights.
+This conversion was tested on synthetic checkpoints written in the chat layout and in FineVQ's
+exact layout from tiny random models, never against the real released weights.
 
 Policy: by default any unused source key, missing weight or shape mismatch is an error (a
 ConversionError carrying the report) and nothing is written. `allow_unmatched` writes anyway,
@@ -63,14 +61,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import (AutoTokenizer, InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig,
                           LlamaConfig, PreTrainedTokenizerFast, Qwen2Config)
 
+from .checkpoint import BACKBONE_DIR
 from .errors import InputError
-from .model import BACKBONE_DIR, FVQRater, FVQRaterConfig, LoraSettings
+from .model import FVQRater, FVQRaterConfig, LoraSettings
+from .recipe import FVQ, Recipe
 
 REPORT_FILE = "conversion_report.txt"
+TEMPORAL_FILE = "temporal/slowfast_r50.safetensors"  # inside the converted checkpoint
 # InternVL's image tokens under the names native InternVL tokenizers give them; our prompt uses them.
 IMAGE_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
 BACKBONE_PREFIXES = ("vision_model.", "mlp1.", "language_model.")
@@ -161,12 +162,12 @@ def _shape(shape) -> str:
 
 
 def convert_checkpoint(src, dst, head_map: dict[str, str] | None = None, allow_unmatched: bool = False,
-                       rater_config: dict | None = None) -> ConversionReport:
+                       recipe: Recipe = FVQ) -> ConversionReport:
     """Convert the InternVL-chat-layout checkpoint in directory `src` into an FVQ-Rater checkpoint `dst`.
 
-    head_map: {source key prefix: our prefix} for FVQ-Rater's own modules (longest prefix wins).
-    rater_config: FVQRaterConfig fields to record; face_dim and temporal_dim default to the input
-    widths of the mapped projectors, lora to none (released weights count as merged).
+    recipe: the release's conventions (prompt, module structures, read-out, preprocessing) and its
+    own module names (recipe.release_names, release_temporal, release_unused, lora_scaling).
+    head_map: further {source key prefix: our prefix} names, over the recipe's (longest prefix wins).
     """
     src, dst = Path(src), Path(dst)
     chat = _read_chat_config(src)
@@ -175,11 +176,17 @@ def convert_checkpoint(src, dst, head_map: dict[str, str] | None = None, allow_u
     tokenizer = load_tokenizer(src)
     vlm_config = native_config(chat, tokenizer)
     llm_kind = LLM_KINDS[chat["llm_config"]["architectures"][0]]
-    report = ConversionReport(str(src), notes=_config_notes(chat, llm_kind))
+    report = ConversionReport(str(src), notes=_config_notes(chat, llm_kind, recipe))
 
-    backbone, heads, origin = map_weights(read_weights(src), vlm_config.text_config, llm_kind, head_map or {},
-                                          report)
-    config = _rater_config(rater_config, heads, vlm_config)
+    source = merge_peft_lora(read_weights(src), recipe.lora_scaling, report)
+    dropped = sorted(key for key in source if key.startswith(recipe.release_unused))
+    if dropped:
+        report.notes.append(f"dropped, unused by the release's own code (recipe release_unused): {', '.join(dropped)}")
+    source = {k: v for k, v in source.items() if k not in dropped}
+    temporal = export_temporal_weights(source, recipe.release_temporal, report)
+    backbone, heads, origin = map_weights(source, vlm_config.text_config, llm_kind,
+                                          {**recipe.release_names, **(head_map or {})}, report)
+    config = _rater_config(recipe, heads, vlm_config, str(dst / TEMPORAL_FILE) if temporal else None)
     # Built on the meta device: the target's names and shapes at no cost; the source tensors are
     # then assigned, so an 8B backbone is never allocated twice.
     with torch.device("meta"):
@@ -193,7 +200,8 @@ def convert_checkpoint(src, dst, head_map: dict[str, str] | None = None, allow_u
     problems = _compare(backbone, expected, origin, report) + _compare(heads, rater.heads_state_dict(), origin, report)
     incomplete = [name for name in problems if not name.startswith(("projectors.", "no_face"))]
     if incomplete:
-        hint = (" Map the release's score head onto ours: --map SRC_PREFIX=score_head. (head_map)."
+        hint = (" Map the release's score head onto ours: --map SRC_PREFIX=score_head. (head_map), or a recipe whose "
+                "release_names and score_head match the release."
                 if any(name.startswith("score_head.") for name in incomplete) else "")
         raise ConversionError(f"{len(incomplete)} weight(s) of the backbone or the score head missing or mis-shaped "
                               f"({', '.join(incomplete[:3])}{', ...' if len(incomplete) > 3 else ''}): random weights "
@@ -201,7 +209,7 @@ def convert_checkpoint(src, dst, head_map: dict[str, str] | None = None, allow_u
                               "allow_unmatched." + hint, report)
     if not report.clean:
         if not allow_unmatched:
-            raise ConversionError("the release does not match FVQ-Rater exactly; nothing was written "
+            raise ConversionError(f"the release does not match recipe {recipe.name!r} exactly; nothing was written "
                                   "(allow_unmatched writes it anyway)", report)
         if problems:
             report.notes.append("freshly initialised (not in the release): "
@@ -212,9 +220,81 @@ def convert_checkpoint(src, dst, head_map: dict[str, str] | None = None, allow_u
     rater.load_state_dict(heads, strict=False)  # heads only: the backbone keys are left as assigned
     vlm.save_pretrained(dst / BACKBONE_DIR)
     save_tokenizer(tokenizer, dst / BACKBONE_DIR)
+    if temporal:
+        (dst / TEMPORAL_FILE).parent.mkdir()
+        save_file(temporal, dst / TEMPORAL_FILE)
     rater.save_pretrained(dst, copy_backbone=True)  # heads and config; the backbone is already in place
     (dst / REPORT_FILE).write_text(str(report) + "\n")
     return report
+
+
+# Un-merged PEFT keys: "language_model.base_model.model.<name>" wraps <name>; a LoRA-adapted
+# module keeps its weight under ".base_layer" and adds "lora_A/lora_B[.<adapter>].weight".
+PEFT_WRAPPER = re.compile(r"^(vision_model|language_model)\.base_model\.model\.")
+LORA_TENSOR = re.compile(r"^(?P<module>.+)\.lora_(?P<part>[AB])(\.[^.]+)?\.weight$")
+
+
+def merge_peft_lora(source: dict, scaling: float, report: ConversionReport) -> dict:
+    """A release's un-merged PEFT tensors as plain weights: wrappers dropped, W + scaling * B @ A merged.
+
+    Merging happens on the release's own (fused qkv / wqkv) weights, before any split, in float32.
+    """
+    state, pairs = {}, {}
+    for key, tensor in source.items():
+        key = PEFT_WRAPPER.sub(r"\1.", key)
+        match = LORA_TENSOR.match(key)
+        if match:
+            pairs.setdefault(match["module"], {})[match["part"]] = tensor
+        else:
+            state[key.replace(".base_layer.", ".")] = tensor
+    for module, parts in sorted(pairs.items()):
+        weight = f"{module}.weight"
+        if set(parts) != {"A", "B"} or weight not in state:
+            raise ConversionError(f"LoRA tensors of {module} are incomplete (lora_A and lora_B on a base weight needed; "
+                                  f"found {sorted(parts)}{'' if weight in state else ', no base weight'})")
+        base, down, up = state[weight], parts["A"], parts["B"]
+        if (up.shape[0], down.shape[1]) != tuple(base.shape) or up.shape[1] != down.shape[0]:
+            raise ConversionError(f"LoRA of {module}: B {list(up.shape)} @ A {list(down.shape)} does not fit the "
+                                  f"weight {list(base.shape)}")
+        state[weight] = (base.float() + scaling * (up.float() @ down.float())).to(base.dtype)
+    if pairs:
+        report.notes.append(f"merged {len(pairs)} un-merged LoRA adapters into their base weights as "
+                            f"W + {scaling:g} * B @ A (recipe lora_scaling = alpha / r)")
+    return state
+
+
+def export_temporal_weights(source: dict, prefix: str | None, report: ConversionReport) -> dict | None:
+    """The release's SlowFast-R50 blocks 0-4 in pytorchvideo's layout (`blocks.N.`), checked against it.
+
+    They leave `source`; names or shapes that do not fit SlowFast-R50 go to the report.
+    """
+    if not prefix or not any(key.startswith(prefix) for key in source):
+        return None
+    from .features.temporal import build_slowfast_r50
+
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in build_slowfast_r50().state_dict().items()}
+    weights = {}
+    for key in [k for k in source if k.startswith(prefix)]:
+        name = "blocks." + key[len(prefix):]
+        tensor = source.pop(key)
+        if name not in expected:
+            report.unmatched_source.append(key)
+            report.shapes[key] = tensor.shape
+        elif tensor.shape != expected[name]:
+            report.shape_mismatches.append(f"{key} {_shape(tensor.shape)} -> SlowFast-R50 {name} expects "
+                                           f"{_shape(expected[name])}")
+        else:
+            weights[name] = tensor.contiguous()
+    for name, shape in expected.items():
+        if name not in weights and not any(m.split(" ")[0] == prefix + name[len("blocks."):]
+                                           for m in report.shape_mismatches):
+            report.missing_target.append(f"temporal: {name}")
+            report.shapes[f"temporal: {name}"] = shape
+    report.mapped += len(weights)
+    report.notes.append(f"SlowFast-R50 ({len(weights)} tensors under {prefix}) exported as the temporal stream's "
+                        f"weights: {TEMPORAL_FILE}")
+    return weights
 
 
 def _compare(provided: dict, expected: dict, origin: dict, report: ConversionReport) -> list[str]:
@@ -243,21 +323,21 @@ def _compare(provided: dict, expected: dict, origin: dict, report: ConversionRep
     return problems
 
 
-def _rater_config(given: dict | None, heads: dict, vlm_config) -> FVQRaterConfig:
-    fields = dict(given or {})
-    fields.setdefault("lora", LoraSettings(r=0))
+def _rater_config(recipe: Recipe, heads: dict, vlm_config, temporal_weights: str | None) -> FVQRaterConfig:
+    """The converted rater: the recipe's streams, widths read off the release's projectors, no LoRA left."""
+    streams = ("spatial", *recipe.projectors)
+    fields = {"streams": streams, "recipe": recipe, "lora": LoraSettings(r=0)}
     # The stream widths are fixed by the release's projector weights, whatever we would default to.
-    for name, key in (("face_dim", "projectors.face.0.weight"), ("temporal_dim", "projectors.temporal.0.weight")):
-        if name not in fields and key in heads and heads[key].dim() == 2:
-            fields[name] = heads[key].shape[1]
+    for name, stream in (("face_dim", "face"), ("temporal_dim", "temporal")):
+        first = next((tensor for key, tensor in heads.items() if key.startswith(f"projectors.{stream}.0.")), None)
+        if first is not None:
+            fields[name] = first.shape[-1]
     image_size = vlm_config.vision_config.image_size
-    fields["features"] = {"image_size": image_size[0] if isinstance(image_size, (list, tuple)) else image_size,
-                          "num_frames": fields.get("num_frames", FVQRaterConfig.num_frames),
-                          **fields.get("features", {})}
-    try:
-        return FVQRaterConfig.from_dict(fields)
-    except (TypeError, ValueError) as error:
-        raise ConversionError(f"rater_config: {error}") from error
+    fields["features"] = {"streams": list(streams),
+                          "image_size": image_size[0] if isinstance(image_size, (list, tuple)) else image_size,
+                          "num_frames": recipe.num_frames, "frame_sampling": recipe.frame_sampling,
+                          "temporal_preprocess": recipe.temporal, "temporal_weights": temporal_weights}
+    return FVQRaterConfig(**fields)
 
 
 # ----- config -----------------------------------------------------------------------------------
@@ -328,11 +408,14 @@ def _text_config(llm: dict):
     return (Qwen2Config if architecture == "Qwen2ForCausalLM" else LlamaConfig).from_dict(fields)
 
 
-def _config_notes(chat: dict, llm_kind: str) -> list[str]:
+def _config_notes(chat: dict, llm_kind: str, recipe: Recipe) -> list[str]:
     notes = [f"LLM: {chat['llm_config']['architectures'][0]}"
              + (" converted to Llama (wqkv split per key/value group)" if llm_kind == "internlm2" else ""),
-             (f"the release's conversation template is {chat.get('template')!r}; FVQ-Rater's prompt is rendered "
-              "with the tokenizer's chat template, and the authors' exact prompt is unknown")]
+             f"recipe {recipe.name!r}: prompt rendered with {recipe.chat_template!r}, score head "
+             f"{recipe.score_head!r}, temporal preprocessing {recipe.temporal!r}"]
+    template = chat.get("template")
+    if recipe.chat_template == "internlm2-chat" and template not in (None, "internlm2-chat"):
+        notes.append(f"the release's config names the template {template!r}, the recipe renders 'internlm2-chat'")
     rope = chat["llm_config"].get("rope_scaling")
     if rope:
         notes.append(f"rope_scaling {rope} kept as transformers' equivalent")
@@ -494,10 +577,11 @@ def parse_maps(maps: list[str]) -> dict[str, str]:
     return head_map
 
 
-def main_convert(src, dst, maps: list[str], allow_unmatched: bool = False) -> int:
-    """`fvq-rater convert SRC DST [--map A=B ...] [--allow-unmatched]`: print the report, 0 on success."""
+def main_convert(src, dst, maps: list[str], allow_unmatched: bool = False, recipe: Recipe = FVQ) -> int:
+    """`fvq-rater convert SRC DST [--recipe R | --recipe-file F] [--map A=B ...] [--allow-unmatched]`:
+    print the report, 0 on success."""
     try:
-        report = convert_checkpoint(src, dst, parse_maps(maps), allow_unmatched)
+        report = convert_checkpoint(src, dst, parse_maps(maps), allow_unmatched, recipe)
     except ConversionError as error:
         print(f"conversion failed: {error}", file=sys.stderr)
         return 1

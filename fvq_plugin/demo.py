@@ -15,7 +15,8 @@ from .demo_data import DEFAULT_VIDEOS
 from .features import FeatureConfig, FeatureExtractor
 
 # Small enough for 2 CPU cores in minutes; everything else is the production code path.
-DEMO_FEATURES = FeatureConfig(image_size=64, face_backend="yunet-sface", temporal_random=True, temporal_size=64,
+DEMO_FEATURES = FeatureConfig(image_size=64, face_backend="yunet-sface", temporal_random=True, temporal_preprocess="kinetics",
+                              temporal_size=64,
                               temporal_frames=16)
 
 

@@ -1,96 +1,46 @@
 """FVQ-Rater: an InternVL LMM reading four face-aware streams, with a level word and a score.
 
-One forward per batch (prefill only): the prompt holds placeholder positions for every stream,
-their embeddings are replaced by projected features, and the answer prefix "The video quality is"
-is teacher-forced. At its last position the LM's logits over the five level words give the level
-(as in Q-Align) and a regression head on the hidden state gives the 0-100 score.
+One prefill per batch: the prompt (prompt.py, laid out by the checkpoint's recipe) holds a slot for
+every stream, whose embeddings are replaced by projected features, and ends with the answer
+teacher-forced up to the level word. There the LM's logits over the five level words give the
+level (as in Q-Align). The regression head reads the hidden state at that position too, or, where
+the recipe has a score prompt ("The score is"), after "<level>. The score is": at inference the
+level word is the LM's own choice and the few continuation tokens reuse the prompt's KV cache.
 
 Streams and their tokens per video (T sampled frames, N vision tokens per frame):
   spatial   T*N  frames -> InternVL vision tower -> InternVL projector
-  portrait  T*N  person-matted frames -> same vision tower and projector -> our MLP
-  face      T    identity embeddings -> our MLP (a learned "no face" token where no face was found)
-  temporal  1    SlowFast clip feature -> our MLP
+  portrait  T*N  person-matted frames -> same vision tower -> its own projector (recipe: on the
+                 pixel-shuffled ViT features, or after InternVL's projector)
+  face      T    identity embeddings -> projector (a learned "no face" token where no face was found)
+  temporal  1    SlowFast clip feature -> projector
 """
 from __future__ import annotations
 
-import json
-import os
-import re
-import shutil
 import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from .common import LEVELS, STREAMS
 from .errors import InputError
+from .prompt import Prompt
 from .quiet import quiet_noisy_loggers
+from .recipe import FVQ, Recipe
 
 quiet_noisy_loggers()  # before transformers or peft import bitsandbytes
 
-STREAMS = ("spatial", "portrait", "face", "temporal")
-LEVELS = ("bad", "poor", "fair", "good", "excellent")
-CONFIG_FILE = "fvq_rater.json"
-HEADS_FILE = "heads.safetensors"
-ADAPTER_DIR = "adapter"
-BACKBONE_DIR = "backbone"
-FORMAT_VERSION = 1
-
-_MARKER = re.compile(r"<fvq_(spatial|portrait|face|temporal)>")
 # peft matches these with re.fullmatch on module names of InternVLForConditionalGeneration.
 VISION_LORA_MODULES = ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.projection_layer",
                        "mlp.fc1", "mlp.fc2")
 LLM_LORA_MODULES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
-
-
-WEIGHTS_ENV = "FVQ_RATER_WEIGHTS"
+RELU_MLP5_WIDTHS = (1024, 256, 64, 16, 1)  # FineVQ's mlpscore after the LM width
 
 
 class CheckpointError(InputError):
     """A directory that is not a loadable FVQ-Rater checkpoint."""
-
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-
-
-def parse_dtype(name):
-    """A dtype given by name, as on the command line and in lmms-eval's model_args; None for auto."""
-    if name is None or isinstance(name, torch.dtype) or name == "auto":
-        return None if name == "auto" else name
-    if name not in DTYPES:
-        raise InputError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
-    return getattr(torch, name)
-
-
-def checkpoint_path(given, option: str) -> str:
-    """The checkpoint folder given through `option` (as the user types it), else from FVQ_RATER_WEIGHTS.
-
-    Checked before anything heavy loads; the error says where the path came from.
-    """
-    path = given or os.environ.get(WEIGHTS_ENV)
-    if not path:
-        raise CheckpointError(f"no FVQ-Rater weights: pass {option} or set {WEIGHTS_ENV}=DIR. {HOW_TO_GET}")
-    problem = checkpoint_problem(path)
-    if problem:
-        raise CheckpointError(problem if given else f"{WEIGHTS_ENV} (from the environment): {problem}")
-    return str(path)
-
-
-HOW_TO_GET = ("Make a checkpoint with `fvq-rater demo` (tiny, CPU) or `fvq-rater train`, or convert the released "
-              "weights with `fvq-rater convert`.")
-
-
-def checkpoint_problem(directory) -> str | None:
-    """Why `directory` is not an FVQ-Rater checkpoint (naming the checkpoints below it), or None."""
-    directory = Path(directory)
-    if (directory / CONFIG_FILE).is_file():
-        return None
-    below = sorted(str(p.parent) for p in directory.glob(f"*/{CONFIG_FILE}")) if directory.is_dir() else []
-    hint = f"The checkpoints below it are {', '.join(below)}: pass one of them." if below else HOW_TO_GET
-    return f"{directory} is not an FVQ-Rater checkpoint ({CONFIG_FILE} not found). {hint}"
 
 
 @dataclass
@@ -102,6 +52,8 @@ class LoraSettings:
     llm: bool = True
 
     def target_modules(self) -> str:
+        import re
+
         alternatives = []
         if self.vision:
             alternatives.append(r"vision_tower\.encoder\.layer\.\d+\.(%s)" % "|".join(map(re.escape, VISION_LORA_MODULES)))
@@ -113,13 +65,11 @@ class LoraSettings:
 @dataclass
 class FVQRaterConfig:
     streams: tuple = STREAMS
-    num_frames: int = 8
     face_dim: int = 512
     temporal_dim: int = 2304
-    prompt: str = "Please evaluate the quality of this video."
-    answer_prefix: str = "The video quality is"
+    recipe: Recipe = FVQ
     lora: LoraSettings = field(default_factory=LoraSettings)
-    # How the feature extractors were configured when this model was trained (recorded, not used here).
+    # How the feature extractors were configured when this model was trained (paths relative to the checkpoint).
     features: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -129,6 +79,16 @@ class FVQRaterConfig:
         self.streams = tuple(s for s in STREAMS if s in self.streams)
         if isinstance(self.lora, dict):
             self.lora = LoraSettings(**self.lora)
+        if isinstance(self.recipe, dict):
+            self.recipe = Recipe.from_dict(self.recipe)
+        projected = [s for s in self.streams if s != "spatial"]
+        missing = [s for s in projected if s not in self.recipe.projectors]
+        if missing:
+            raise InputError(f"recipe {self.recipe.name!r} states no projector structure for the streams {missing}")
+
+    @property
+    def num_frames(self) -> int:
+        return self.recipe.num_frames
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -136,26 +96,27 @@ class FVQRaterConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "FVQRaterConfig":
         known = {f.name for f in fields(cls)}
-        unknown = set(data) - known - {"backbone", "format"}
+        unknown = set(data) - known
         if unknown:
             raise CheckpointError(f"unknown FVQ-Rater config fields: {sorted(unknown)}")
-        return cls(**{k: (tuple(v) if k == "streams" else v) for k, v in data.items() if k in known})
+        return cls(**{k: (tuple(v) if k == "streams" else v) for k, v in data.items()})
 
 
 @dataclass
 class FVQRaterOutput:
-    logits: torch.Tensor        # [B, vocab] next-token logits after the answer prefix
+    logits: torch.Tensor        # [B, vocab] next-token logits where the level word comes
     level_logits: torch.Tensor  # [B, 5] the same logits at the five level words
     score: torch.Tensor         # [B] regression head, MOS scale (unclamped while training)
 
 
-def level_index(mos: torch.Tensor) -> torch.Tensor:
-    """Equal-width MOS bins 0-20-40-60-80-100 -> 0..4 (bad..excellent)."""
-    return torch.clamp((mos / 20).long(), 0, len(LEVELS) - 1)
+def level_index(mos: torch.Tensor, bounds: tuple[float, float] = (0.0, 100.0)) -> torch.Tensor:
+    """Five equal-width MOS bins between `bounds` -> 0..4 (bad..excellent)."""
+    low, high = bounds
+    return torch.clamp(((mos - low) * len(LEVELS) / (high - low)).floor().long(), 0, len(LEVELS) - 1)
 
 
-def answer_text(level: str, score: float, prefix: str = "The video quality is") -> str:
-    return f"{prefix} {level}. The score is {score:.2f}."
+def answer_text(level: str, score: float, recipe: Recipe = FVQ) -> str:
+    return f"{recipe.answer.format(level=level)} {recipe.score_prompt or 'The score is'} {score:.2f}."
 
 
 def vision_tokens_per_image(vlm_config) -> int:
@@ -166,46 +127,97 @@ def vision_tokens_per_image(vlm_config) -> int:
 
 
 @contextmanager
-def _peft_quietly():
+def peft_quietly():
     """peft 0.21 asks transformers 5 for `is_gradient_checkpointing`, which warns that it is deprecated."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         yield
 
 
+def _cache_keyword(language_model) -> str:
+    """transformers 5.24 renamed the KV-cache argument `past_key_values` to `cache` (the old name warns)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
+
+
 def _pair(value):
     return tuple(value) if isinstance(value, (list, tuple)) else (value, value)
 
 
-def _mlp(inputs: int, width: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inputs, width), nn.GELU(), nn.Linear(width, width))
+def projector(kind: str, inputs: int, width: int) -> nn.Sequential:
+    """recipe.PROJECTORS: "ln-mlp" is InternVL's mlp1 / FineVQ's motion_mlp (keys 0,1,3), "mlp" has keys 0,2."""
+    layers = [nn.Linear(inputs, width), nn.GELU(), nn.Linear(width, width)]
+    return nn.Sequential(nn.LayerNorm(inputs), *layers) if kind == "ln-mlp" else nn.Sequential(*layers)
+
+
+class ReluMLP5(nn.Module):
+    """FineVQ's score head `mlpscore`: fc1..fc5 (width-1024-256-64-16-1), ReLU after every layer."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        sizes = (width, *RELU_MLP5_WIDTHS)
+        for i in range(len(RELU_MLP5_WIDTHS)):
+            setattr(self, f"fc{i + 1}", nn.Linear(sizes[i], sizes[i + 1]))
+
+    @property
+    def output(self) -> nn.Linear:
+        return self.fc5
+
+    def forward(self, hidden):
+        for i in range(len(RELU_MLP5_WIDTHS)):
+            hidden = torch.relu(getattr(self, f"fc{i + 1}")(hidden))
+        return hidden
+
+
+class GeluMLP2(nn.Sequential):
+    """Linear-GELU-Linear(1) (keys 0, 2)."""
+
+    def __init__(self, width: int):
+        super().__init__(nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
+
+    @property
+    def output(self) -> nn.Linear:
+        return self[2]
+
+
+SCORE_HEADS = {"relu-mlp5": ReluMLP5, "gelu-mlp2": GeluMLP2}
 
 
 class FVQRater(nn.Module):
-    def __init__(self, config: FVQRaterConfig, backbone, tokenizer, base_path: str | Path | None = None):
+    def __init__(self, config: FVQRaterConfig, backbone, tokenizer, base_path=None):
         """`backbone`: an InternVLForConditionalGeneration, optionally wrapped by peft (LoRA).
 
         `base_path` is the directory the backbone's base weights came from (None: random init).
         The base stays frozen; LoRA, projectors and heads train.
         """
+        from pathlib import Path
+
         super().__init__()
         self.config, self.backbone, self.tokenizer = config, backbone, tokenizer
         self.base_path = Path(base_path) if base_path else None
+        self.trained_digest = None  # set by checkpoint loading: what the trained weights were before any merge
         if not self.has_lora:
             self.backbone.requires_grad_(False)
+        recipe = config.recipe
         width = self.vlm.config.text_config.hidden_size
-        inputs = {"portrait": width, "face": config.face_dim, "temporal": config.temporal_dim}
-        self.projectors = nn.ModuleDict({s: _mlp(inputs[s], width) for s in config.streams if s != "spatial"})
+        vit_width = self.vlm.config.vision_config.hidden_size * round(1 / self.vlm.config.downsample_ratio ** 2)
+        inputs = {"portrait": vit_width if recipe.portrait_input == "vit" else width, "face": config.face_dim,
+                  "temporal": config.temporal_dim}
+        self.projectors = nn.ModuleDict({s: projector(recipe.projectors[s], inputs[s], width)
+                                         for s in config.streams if s != "spatial"})
         if "face" in config.streams:
             self.no_face = nn.Parameter(torch.zeros(width))
-        self.score_head = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, 1))
+        self.score_head = SCORE_HEADS[recipe.score_head](width)
         # An untrained head answers mid-scale (50) rather than an arbitrary value far outside 0-100.
-        nn.init.zeros_(self.score_head[2].weight)
-        nn.init.constant_(self.score_head[2].bias, 0.5)
-        prompt_ids, stream_map = self._build_prompt()
-        self.register_buffer("prompt_ids", prompt_ids, persistent=False)
-        self.register_buffer("stream_map", stream_map, persistent=False)
-        self.register_buffer("level_ids", self._level_token_ids(), persistent=False)
+        nn.init.zeros_(self.score_head.output.weight)
+        nn.init.constant_(self.score_head.output.bias, 0.5)
+        self.prompt = Prompt(recipe, tokenizer, config.streams, self.tokens_per_frame, self.vlm.config.image_token_id)
+        self.register_buffer("prompt_ids", self.prompt.ids, persistent=False)
+        self.register_buffer("stream_map", self.prompt.stream_map, persistent=False)
+        self.register_buffer("level_ids", self.prompt.level_ids, persistent=False)
+        if self.prompt.continuation_ids is not None:
+            self.register_buffer("continuation_ids", self.prompt.continuation_ids, persistent=False)
 
     # ----- construction -------------------------------------------------------------------------
 
@@ -216,7 +228,7 @@ class FVQRater(nn.Module):
             from peft import LoraConfig, get_peft_model
 
             lora = config.lora
-            with _peft_quietly():
+            with peft_quietly():
                 vlm = get_peft_model(vlm, LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                                      target_modules=lora.target_modules()))
         return cls(config, vlm, tokenizer, base_path)
@@ -232,8 +244,24 @@ class FVQRater(nn.Module):
     @classmethod
     def from_backbone(cls, path, config: FVQRaterConfig | None = None, **load_options) -> "FVQRater":
         """Start from an InternVL checkpoint in transformers' native layout (e.g. InternVL3-8B-hf)."""
+        from .checkpoint import load_backbone
+
         vlm, tokenizer = load_backbone(path, **load_options)
         return cls.create(config or FVQRaterConfig(), vlm, tokenizer, base_path=path)
+
+    @classmethod
+    def from_pretrained(cls, directory, trainable: bool = False, merge_lora: bool | None = None,
+                        **load_options) -> "FVQRater":
+        """Load a checkpoint (see checkpoint.load_rater); load_options: dtype, device_map, attn_implementation."""
+        from .checkpoint import load_rater
+
+        return load_rater(directory, trainable=trainable, merge_lora=merge_lora, **load_options)
+
+    def save_pretrained(self, directory, copy_backbone: bool | None = None):
+        """Write config, LoRA adapter, projectors and heads (see checkpoint.save_rater)."""
+        from .checkpoint import save_rater
+
+        return save_rater(self, directory, copy_backbone=copy_backbone)
 
     @property
     def has_lora(self) -> bool:
@@ -252,85 +280,68 @@ class FVQRater(nn.Module):
     def image_size(self) -> tuple[int, int]:
         return _pair(self.vlm.config.vision_config.image_size)
 
-    # ----- prompt -------------------------------------------------------------------------------
-
-    def _user_text(self) -> str:
-        streams, frames = self.config.streams, self.config.num_frames
-        tokenizer = self.tokenizer
-        start, end = getattr(tokenizer, "start_image_token", None) or "", getattr(tokenizer, "end_image_token", None) or ""
-        lines = []
-        if "spatial" in streams:
-            lines += [f"Frame{i + 1}: {start}<fvq_spatial>{end}" for i in range(frames)]
-        if "portrait" in streams:
-            lines.append("Portrait: " + "".join(f"{start}<fvq_portrait>{end}" for _ in range(frames)))
-        if "face" in streams:
-            lines.append("Face: <fvq_face>")
-        if "temporal" in streams:
-            lines.append("Motion: <fvq_temporal>")
-        return "\n".join(lines + [self.config.prompt])
-
     def prompt_text(self) -> str:
-        """The whole prompt as text, stream markers included, ending in the answer prefix."""
-        user = self._user_text()
-        if getattr(self.tokenizer, "chat_template", None):
-            rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
-                                                          add_generation_prompt=True)
-        else:
-            rendered = f"user: {user}\nassistant: "
-        return rendered + self.config.answer_prefix
+        """The whole prompt as text (image-context tokens at the stream slots), up to the level word."""
+        return self.prompt.text
 
-    def _build_prompt(self):
-        """Token ids of the prompt and, per position, 0 for text or 1 + the stream's index."""
-        counts = {"spatial": self.tokens_per_frame, "portrait": self.tokens_per_frame, "face": self.config.num_frames,
-                  "temporal": 1}
-        placeholder = self.vlm.config.image_token_id
-        ids, streams = [], []
-        for i, piece in enumerate(_MARKER.split(self.prompt_text())):
-            if i % 2:
-                ids += [placeholder] * counts[piece]
-                streams += [1 + STREAMS.index(piece)] * counts[piece]
-            elif piece:
-                text_ids = self.tokenizer(piece, add_special_tokens=False).input_ids
-                ids += text_ids
-                streams += [0] * len(text_ids)
-        return torch.tensor(ids), torch.tensor(streams)
+    def merge_lora(self) -> None:
+        """Fold LoRA into the base weights for inference: the same function, without the adapter's cost."""
+        if self.has_lora:
+            with peft_quietly():
+                self.backbone = self.backbone.merge_and_unload()
 
-    def _level_token_ids(self) -> torch.Tensor:
-        """The first token of each level word where it follows the answer prefix."""
-        prefix = self.tokenizer(self.config.answer_prefix, add_special_tokens=False).input_ids
-        ids = []
-        for level in LEVELS:
-            full = self.tokenizer(f"{self.config.answer_prefix} {level}", add_special_tokens=False).input_ids
-            if full[:len(prefix)] != prefix or len(full) == len(prefix):
-                raise CheckpointError(f"the tokenizer does not continue {self.config.answer_prefix!r} with {level!r} "
-                                      "cleanly")
-            ids.append(full[len(prefix)])
-        if len(set(ids)) != len(LEVELS):
-            raise CheckpointError(f"level words share a first token in this tokenizer: {dict(zip(LEVELS, ids))}")
-        return torch.tensor(ids)
+    def trained_state_dict(self) -> dict:
+        """Everything training changes: heads, projectors and LoRA weights (the base backbone stays frozen)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.") or "lora_" in k}
+
+    def heads_state_dict(self) -> dict:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
 
     # ----- forward ------------------------------------------------------------------------------
 
     def forward(self, pixel_values=None, portrait_values=None, face_embeds=None, face_mask=None,
-                temporal=None) -> FVQRaterOutput:
+                temporal=None, levels=None) -> FVQRaterOutput:
         """Batch tensors: pixel_values/portrait_values [B,T,3,H,W], face_embeds [B,T,F], face_mask [B,T],
-        temporal [B,Dt]. Only the configured streams are needed."""
+        temporal [B,Dt]. Only the configured streams are needed. `levels` [B] (0..4): the level words
+        teacher-forced before the score prompt (training); None: the LM's own choice."""
         vlm = self.vlm
         tokens = self._stream_tokens(pixel_values, portrait_values, face_embeds, face_mask, temporal)
         batch = next(iter(tokens.values())).shape[0]
         embed = vlm.get_input_embeddings()
-        ids = self.prompt_ids.to(embed.weight.device).expand(batch, -1)
-        embeds = embed(ids)
+        embeds = embed(self.prompt_ids.to(embed.weight.device).expand(batch, -1))
         stream_map = self.stream_map.to(embeds.device)
         for stream, values in tokens.items():
-            positions = (stream_map == 1 + STREAMS.index(stream)).expand(batch, -1).unsqueeze(-1)
+            slots = stream_map == 1 + STREAMS.index(stream)
+            if values.shape[1] != int(slots.sum()):
+                raise ValueError(f"{stream}: {values.shape[1]} tokens per video for {int(slots.sum())} prompt slots")
+            positions = slots.expand(batch, -1).unsqueeze(-1)
             embeds = embeds.masked_scatter(positions, values.to(embeds.device, embeds.dtype))
-        # Every prompt has the same length, so there is no padding and the answer position is -1.
-        hidden = vlm.model.language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, -1]
-        logits = vlm.lm_head(hidden)
-        head = self.score_head[0].weight
-        score = self.score_head(hidden.to(head.device, head.dtype)).squeeze(-1) * 100
-        return FVQRaterOutput(logits, logits[:, self.level_ids.to(logits.device)], score)
+        language_model = vlm.model.language_model
+        # Every prompt has the same length, so there is no padding and the level word comes at -1.
+        if self.prompt.continuation_ids is None:
+            hidden = language_model(inputs_embeds=embeds, use_cache=False).last_hidden_state[:, -1]
+            level_logits = vlm.lm_head(hidden)
+            score_hidden = hidden
+        elif levels is not None:
+            # Teacher-forced: prompt and "<level>. The score is" in one pass.
+            continuation = embed(self.continuation_ids.to(embed.weight.device)[levels.to(embed.weight.device)])
+            states = language_model(inputs_embeds=torch.cat([embeds, continuation.to(embeds.dtype)], 1),
+                                    use_cache=False).last_hidden_state
+            level_logits = vlm.lm_head(states[:, embeds.shape[1] - 1])
+            score_hidden = states[:, -1]
+        else:
+            from transformers import DynamicCache
+
+            cache = {_cache_keyword(language_model): DynamicCache()}  # filled in place by the prefill
+            prefill = language_model(inputs_embeds=embeds, use_cache=True, **cache)
+            level_logits = vlm.lm_head(prefill.last_hidden_state[:, -1])
+            chosen = level_logits[:, self.level_ids.to(level_logits.device)].argmax(-1)
+            continuation = embed(self.continuation_ids.to(embed.weight.device)[chosen.to(embed.weight.device)])
+            score_hidden = language_model(inputs_embeds=continuation.to(embeds.dtype), use_cache=True,
+                                          **cache).last_hidden_state[:, -1]
+        head = self.score_head.output.weight
+        score = self.score_head(score_hidden.to(head.device, head.dtype)).squeeze(-1) * 100
+        return FVQRaterOutput(level_logits, level_logits[:, self.level_ids.to(level_logits.device)], score)
 
     def _stream_tokens(self, pixel_values, portrait_values, face_embeds, face_mask, temporal) -> dict:
         """Each configured stream's token embeddings, [B, tokens, width], in prompt order."""
@@ -344,10 +355,11 @@ class FVQRater(nn.Module):
             # One vision-tower pass over spatial and portrait frames together.
             batch, count = given[image_streams[0]].shape[:2]
             images = torch.cat([given[s].flatten(0, 1) for s in image_streams]).to(self.vision_dtype)
-            vision = self.vlm.model.get_image_features(pixel_values=images).pooler_output
-            for stream, part in zip(image_streams, vision.split(batch * count)):
-                part = part.reshape(batch, -1, part.shape[-1])
-                tokens[stream] = self._project(stream, part) if stream in self.projectors else part
+            projected, shuffled = self._image_features(images)
+            for stream, part, vit in zip(image_streams, projected.split(batch * count), shuffled.split(batch * count)):
+                if stream == "portrait":
+                    part = self._project(stream, vit if self.config.recipe.portrait_input == "vit" else part)
+                tokens[stream] = part.reshape(batch, -1, part.shape[-1])
         if "face" in self.config.streams:
             projected = self._project("face", face_embeds)
             tokens["face"] = torch.where(face_mask.to(projected.device).bool().unsqueeze(-1), projected,
@@ -356,9 +368,19 @@ class FVQRater(nn.Module):
             tokens["temporal"] = self._project("temporal", temporal).unsqueeze(1)
         return {s: tokens[s] for s in self.config.streams}
 
+    def _image_features(self, images):
+        """InternVL's projected image tokens and the pixel-shuffled ViT features its projector took."""
+        seen = []
+        hook = self.vlm.model.multi_modal_projector.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+        try:
+            projected = self.vlm.model.get_image_features(pixel_values=images).pooler_output
+        finally:
+            hook.remove()
+        return projected, seen[0]
+
     def _project(self, stream, values):
-        weight = self.projectors[stream][0].weight
-        return self.projectors[stream](values.to(weight.device, weight.dtype))
+        first = next(self.projectors[stream].parameters())
+        return self.projectors[stream](values.to(first.device, first.dtype))
 
     @property
     def vision_dtype(self):
@@ -366,125 +388,21 @@ class FVQRater(nn.Module):
 
     @torch.no_grad()
     def predict(self, **batch) -> list[dict]:
-        """Score, level (the score's 20-point bin), the level head's probabilities and the answer text."""
+        """Score, level, the level head's probabilities and the answer text.
+
+        The level word names the score's bin (the recipe's bins), so the answer never contradicts
+        itself; where the bins are unknown (min-max bins of a release without its MOS range) it is
+        the LM's most probable level word.
+        """
         output = self(**batch)
         probabilities = output.level_logits.float().softmax(-1)
         scores = output.score.float().clamp(0, 100)
-        results = []
-        # The level word names the score's bin, so the answer never contradicts itself; the level
-        # head's own distribution is reported beside it.
-        levels = level_index(torch.round(scores * 100) / 100)  # the bin of the score as the text shows it
-        for score, level, probs in zip(scores.tolist(), levels.tolist(), probabilities.tolist()):
-            results.append({"score": score, "level": LEVELS[level], "level_probs": dict(zip(LEVELS, probs)),
-                            "text": answer_text(LEVELS[level], score, self.config.answer_prefix)})
-        return results
-
-    # ----- checkpoints --------------------------------------------------------------------------
-
-    def trained_state_dict(self) -> dict:
-        """Everything training changes: heads, projectors and LoRA weights (the base backbone stays frozen)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.") or "lora_" in k}
-
-    def heads_state_dict(self) -> dict:
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
-
-    def save_pretrained(self, directory, copy_backbone: bool | None = None) -> Path:
-        """Write config, LoRA adapter, projectors and heads (safetensors).
-
-        The frozen base backbone is written into the checkpoint when it was randomly initialised
-        or `copy_backbone` is set; otherwise the checkpoint refers to `base_path`, so saving a
-        fine-tuned 8B model does not copy 16 GB each time.
-        """
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        if self.base_path is None or copy_backbone:
-            backbone_ref = BACKBONE_DIR
-            self._save_base(directory / BACKBONE_DIR)
+        recipe = self.config.recipe
+        bounds = recipe.level_bounds()
+        if bounds is not None:
+            levels = level_index(torch.round(scores * 100) / 100, bounds)  # the bin of the score as the text shows it
         else:
-            backbone_ref = str(self.base_path.resolve())
-        if self.has_lora:
-            self.backbone.save_pretrained(directory / ADAPTER_DIR)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.heads_state_dict().items()}, directory / HEADS_FILE)
-        config = {"format": FORMAT_VERSION, "backbone": backbone_ref, **self.config.to_dict()}
-        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
-        return directory
-
-    def _save_base(self, target: Path):
-        if self.base_path is not None:
-            if self.base_path.resolve() != target.resolve():
-                shutil.copytree(self.base_path, target, dirs_exist_ok=True)
-            return
-        from transformers import InternVLForConditionalGeneration
-
-        # peft injected LoRA layers in place; rebuild the plain base model from its weights so the
-        # saved backbone loads with any InternVL code, ours or not.
-        state = {k.replace(".base_layer.", "."): v for k, v in self.vlm.state_dict().items() if "lora_" not in k}
-        base = InternVLForConditionalGeneration(self.vlm.config)
-        base.load_state_dict(state, strict=True)
-        base.save_pretrained(target)
-        self.tokenizer.save_pretrained(target)
-
-    @classmethod
-    def from_pretrained(cls, directory, trainable: bool = False, **load_options) -> "FVQRater":
-        """Load a checkpoint written by save_pretrained (or `fvq-rater convert`).
-
-        load_options go to the backbone's from_pretrained: dtype, device_map, attn_implementation.
-        """
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        config_path = directory / CONFIG_FILE
-        problem = checkpoint_problem(directory)
-        if problem:
-            raise CheckpointError(problem)
-        data = json.loads(config_path.read_text())
-        if data.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{config_path}: unsupported checkpoint format {data.get('format')!r}")
-        config = FVQRaterConfig.from_dict(data)
-        base_path = directory / data["backbone"]  # an absolute reference stays absolute
-        for folder in (base_path, directory / ADAPTER_DIR):
-            _require_safetensors(folder)
-        vlm, tokenizer = load_backbone(base_path, **load_options)
-        backbone = vlm
-        if (directory / ADAPTER_DIR).is_dir():
-            from peft import PeftModel
-
-            with _peft_quietly():
-                backbone = PeftModel.from_pretrained(vlm, directory / ADAPTER_DIR, is_trainable=trainable)
-        model = cls(config, backbone, tokenizer, base_path=base_path)
-        heads = load_file(directory / HEADS_FILE)
-        problems = model.load_state_dict(heads, strict=False)
-        missing = [k for k in problems.missing_keys if not k.startswith("backbone.")]
-        if missing or problems.unexpected_keys:
-            raise CheckpointError(f"{directory / HEADS_FILE} does not match the config: missing {missing}, "
-                                  f"unexpected {problems.unexpected_keys}")
-        model.to(vlm.get_input_embeddings().weight.device)
-        return model.train(trainable)
-
-
-PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-
-def _require_safetensors(folder: Path) -> None:
-    """Loading never unpickles: a weights folder without safetensors files is refused."""
-    if not folder.is_dir() or any(folder.glob("*.safetensors")):
-        return
-    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_WEIGHTS)
-    if pickled:
-        raise CheckpointError(f"{folder} holds pickle-based weights ({', '.join(pickled)}), which can run code when "
-                              "loaded; FVQ-Rater loads safetensors only. Re-save them as safetensors "
-                              "(save_pretrained(..., safe_serialization=True)) from a trusted environment.")
-
-
-def load_backbone(path, dtype=None, device_map=None, attn_implementation=None):
-    from transformers import AutoTokenizer, InternVLForConditionalGeneration
-
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise CheckpointError(f"no InternVL backbone at {path} (config.json not found)")
-    options = {k: v for k, v in {"dtype": dtype, "device_map": device_map,
-                                 "attn_implementation": attn_implementation}.items() if v is not None}
-    vlm = InternVLForConditionalGeneration.from_pretrained(path, **options)
-    return vlm, AutoTokenizer.from_pretrained(path)
+            levels = probabilities.argmax(-1)
+        return [{"score": score, "level": LEVELS[level], "level_probs": dict(zip(LEVELS, probs)),
+                 "text": answer_text(LEVELS[level], score, recipe)}
+                for score, level, probs in zip(scores.tolist(), levels.tolist(), probabilities.tolist())]

@@ -24,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .common import file_digest
 from .errors import InputError
 from .features import FeatureExtractor, model_inputs
 from .video import VideoReadError
@@ -52,8 +53,7 @@ class FeatureCache:
 
     @staticmethod
     def content_key(path) -> str:
-        with open(path, "rb") as file:
-            return hashlib.file_digest(file, "blake2b").hexdigest()[:32]
+        return file_digest(path, "blake2b")[:32]
 
     def _file(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.safetensors"
@@ -160,20 +160,21 @@ class Scorer:
         if "face" in config.streams and self.extractor.face_dim != config.face_dim:
             raise InputError(f"face backend {features.face_backend!r} gives {self.extractor.face_dim}-d embeddings "
                              f"but the model was trained on {config.face_dim}-d ones")
-        if config.num_frames != features.num_frames:
-            raise InputError(f"the model takes {config.num_frames} frames, the extractor samples {features.num_frames}")
+        features.check_recipe(config.recipe, config.streams)
 
     @classmethod
     def from_pretrained(cls, checkpoint, device="cpu", dtype=None, device_map=None, attn_implementation=None,
-                        feature_overrides: dict | None = None, **options) -> "Scorer":
-        """Load a checkpoint and the feature extractors it was trained with (paths may be overridden)."""
+                        feature_overrides: dict | None = None, merge_lora: bool = True, **options) -> "Scorer":
+        """Load a checkpoint and the feature extractors it was trained with (settings may be overridden).
+
+        Without a device_map the backbone loads straight onto `device` (no copy built on the CPU first);
+        with one (e.g. "auto") it stays where accelerate dispatched it. LoRA is merged for inference.
+        """
         from .features import FeatureConfig
         from .model import FVQRater
 
-        model = FVQRater.from_pretrained(checkpoint, dtype=dtype, device_map=device_map,
-                                         attn_implementation=attn_implementation)
-        if device_map is None:
-            model.to(device)
+        model = FVQRater.from_pretrained(checkpoint, dtype=dtype, device_map=device_map or {"": str(device)},
+                                         attn_implementation=attn_implementation, merge_lora=merge_lora)
         overrides = {k: v for k, v in (feature_overrides or {}).items() if v is not None}  # None: the checkpoint's
         features = FeatureConfig.from_dict({**model.config.features, **overrides})
         return cls(model, FeatureExtractor(features, device=device), **options)
@@ -233,15 +234,13 @@ class Scorer:
         """What a score depends on besides the video: the rater's configuration, base and trained
         weights (heads, projectors, LoRA), the feature settings and the code versions."""
         from . import __version__
+        from .checkpoint import trained_digest
 
-        digest = hashlib.blake2b(digest_size=16)
         base = self.model.base_path.resolve() if self.model.base_path else None
         described = {"model": self.model.config.to_dict(), "base": str(base),
+                     "trained": self.model.trained_digest or trained_digest(self.model),
                      "features": self.extractor.key_digest(), "fvq_plugin": __version__}
-        digest.update(json.dumps(described, sort_keys=True, default=str).encode())
-        for name, tensor in sorted(self.model.trained_state_dict().items()):
-            digest.update(name.encode() + tensor.detach().float().cpu().numpy().tobytes())
-        return digest.hexdigest()
+        return hashlib.blake2b(json.dumps(described, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
     def _still_valid(self, previous: dict, paths, output) -> dict:
         """The results in `output` that hold for this run: the same scorer, and files whose bytes are unchanged."""

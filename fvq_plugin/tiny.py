@@ -11,15 +11,16 @@ from transformers import InternVLConfig, InternVLVisionConfig, PreTrainedTokeniz
 
 SPECIAL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>",
                   "video_token": "<video>"}
-_WORDS = ("please evaluate the quality of this video the video quality is bad poor fair good excellent score "
-          "frame portrait face motion user assistant system").split()
+CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")  # InternLM2's, which the internlm2-chat template needs
+_WORDS = ("how would you rate the overall quality of this video is bad poor fair good excellent score "
+          "frame portrait face motion feature user assistant system").split()
 
 
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
     """A lower-cased word-level tokenizer whose vocabulary covers every word of the FVQ prompts."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    words = ["<unk>", "<pad>", "<s>", "</s>", *SPECIAL_TOKENS.values(), *dict.fromkeys(_WORDS),
+    words = ["<unk>", "<pad>", "<s>", "</s>", *SPECIAL_TOKENS.values(), *CHAT_TOKENS, *dict.fromkeys(_WORDS),
              *string.digits, *string.punctuation, "\n"]
     vocab = {word: i for i, word in enumerate(dict.fromkeys(words))}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -27,8 +28,10 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
                                                      pre_tokenizers.Digits(individual_digits=True)])
     backend.decoder = decoders.WordPiece(prefix="##")
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
-                                   eos_token="</s>", extra_special_tokens=dict(SPECIAL_TOKENS))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>",
+                                        eos_token="</s>", extra_special_tokens=dict(SPECIAL_TOKENS))
+    tokenizer.add_special_tokens({"additional_special_tokens": list(CHAT_TOKENS)})
+    return tokenizer
 
 
 def tiny_backbone_config(tokenizer=None, image_size: int = 64, patch_size: int = 8, vision_width: int = 32,
@@ -47,12 +50,19 @@ def tiny_backbone_config(tokenizer=None, image_size: int = 64, patch_size: int =
                           tie_word_embeddings=False)
 
 
-def tiny_rater(extractor, seed: int = 0, **config):
-    """A tiny random FVQ-Rater matched to `extractor` (frame count, image size, face width)."""
-    from .model import FVQRater, FVQRaterConfig
+def tiny_rater(extractor, seed: int = 0, recipe=None, **config):
+    """A tiny random FVQ-Rater matched to `extractor` (frames, sampling, image size, face width).
 
+    Its recipe is `recipe` (default: fvq) with the frame count, frame sampling and temporal
+    preprocessing of the extractor's settings, under a name that says so.
+    """
+    from .model import FVQRater, FVQRaterConfig
+    from .recipe import FVQ
+
+    features = extractor.config
+    recipe = (recipe or FVQ).derive(num_frames=features.num_frames, frame_sampling=features.frame_sampling,
+                                    temporal=features.temporal_preprocess)
     tokenizer = tiny_tokenizer()
-    rater_config = FVQRaterConfig(num_frames=extractor.config.num_frames, face_dim=extractor.face_dim,
-                                  features=extractor.config.to_dict(), **config)
-    return FVQRater.random(rater_config, tiny_backbone_config(tokenizer, image_size=extractor.config.image_size),
+    rater_config = FVQRaterConfig(face_dim=extractor.face_dim, recipe=recipe, features=features.to_dict(), **config)
+    return FVQRater.random(rater_config, tiny_backbone_config(tokenizer, image_size=features.image_size),
                            tokenizer, seed=seed)

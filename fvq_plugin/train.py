@@ -1,8 +1,10 @@
 """Two-stage FVQ-Rater training with accelerate (CPU, one GPU, or many: `accelerate launch`).
 
 Stage I teaches the quality level: cross-entropy on the level word that follows the
-teacher-forced "The video quality is". Stage II trains the regression head with L1 on MOS/100
-(optionally plus the stage-I loss). Base weights stay frozen; LoRA, projectors and heads train.
+teacher-forced answer prefix ("The video quality is"). Stage II trains the regression head with L1
+on MOS/100 (optionally plus the stage-I loss), reading the hidden state where the recipe says (after
+"<level>. The score is", with the true level teacher-forced). Min-max level bins take the training
+set's MOS range, which is recorded in the checkpoint's recipe. Base weights stay frozen; LoRA, projectors and heads train.
 
 Features are extracted once (main process first, the others then read the cache) and training
 iterates over them. Every epoch ends with validation SRCC/PLCC and checkpoints `last/` (with
@@ -24,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from .features import model_inputs
 from .metrics import plcc, srcc
-from .model import FVQRater, level_index
+from .model import LEVELS, FVQRater, level_index
 
 log = logging.getLogger(__name__)
 STATE_DIR = "training_state"
@@ -51,13 +53,24 @@ class TrainConfig:
             raise ValueError(f"stage must be 1 or 2, got {self.stage}")
 
 
-def stage_loss(output, mos: torch.Tensor, model: FVQRater, config: TrainConfig) -> torch.Tensor:
-    target = model.level_ids.to(output.logits.device)[level_index(mos)]
+def stage_loss(output, levels: torch.Tensor, mos: torch.Tensor, model: FVQRater, config: TrainConfig) -> torch.Tensor:
+    target = model.level_ids.to(output.logits.device)[levels.to(output.logits.device)]
     ce = F.cross_entropy(output.logits.float(), target)
     if config.stage == 1:
         return ce
-    l1 = F.l1_loss(output.score.float() / 100, mos / 100)
+    l1 = F.l1_loss(output.score.float() / 100, mos.to(output.score.device) / 100)
     return l1 + config.ce_weight * ce if config.ce_weight else l1
+
+
+def fix_level_bins(model: FVQRater, mos: list[float]) -> None:
+    """Min-max level bins take the training set's MOS range (FineVQ's rule), recorded in the recipe."""
+    recipe = model.config.recipe
+    if recipe.level_bins != "min-max" or recipe.mos_range is not None:
+        return
+    low, high = min(mos), max(mos)
+    if not low < high:
+        raise ValueError(f"min-max level bins need at least two different training MOS values, got {low} .. {high}")
+    model.config.recipe = recipe.replace(mos_range=(low, high))
 
 
 class _Labelled(torch.utils.data.Dataset):
@@ -97,6 +110,8 @@ def train(model: FVQRater, spatial, train_set: tuple[list[dict], list[float]],
     from transformers import get_cosine_schedule_with_warmup
 
     output_dir = Path(output_dir)
+    fix_level_bins(model, list(train_set[1]))
+    bounds = model.config.recipe.level_bounds()
     # Stage I never touches the regression head, so DDP must allow parameters without gradients.
     # Without CUDA, accelerate joins launched processes into one (gloo) group only when told cpu=True.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=config.mixed_precision,
@@ -132,7 +147,8 @@ def train(model: FVQRater, spatial, train_set: tuple[list[dict], list[float]],
                                disable=None if progress and accelerator.is_local_main_process else True,
                                leave=False):
             with accelerator.accumulate(prepared_model):
-                loss = stage_loss(prepared_model(**batch), mos, model, config)
+                levels = level_index(mos, bounds)
+                loss = stage_loss(prepared_model(**batch, levels=levels), levels, mos, model, config)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     accelerator.clip_grad_norm_(parameters, config.max_grad_norm)
@@ -143,7 +159,7 @@ def train(model: FVQRater, spatial, train_set: tuple[list[dict], list[float]],
         record = {"epoch": epoch + 1, "loss": sum(losses) / len(losses), "lr": scheduler.get_last_lr()[0],
                   "seconds": time.perf_counter() - started}
         if val_set is not None:
-            record.update(_validate(prepared_model, model, accelerator, val_set, spatial, config))
+            record.update(_validate(prepared_model, accelerator, val_set, spatial, config, bounds))
         history.append(record)
         accelerator.print(json.dumps(record))
         # Without validation the last epoch counts as best. A NaN SRCC (constant predictions) never beats
@@ -158,13 +174,13 @@ def train(model: FVQRater, spatial, train_set: tuple[list[dict], list[float]],
 
 
 @torch.no_grad()
-def _validate(prepared_model, model, accelerator, val_set, spatial, config) -> dict:
+def _validate(prepared_model, accelerator, val_set, spatial, config, bounds) -> dict:
     prepared_model.eval()
     loader = accelerator.prepare(_loader(*val_set, spatial, config.batch_size, False))
     predicted, targets = [], []
     for batch, mos in loader:
         output = prepared_model(**batch)
-        value = output.score if config.stage == 2 else _expected_level_score(output.level_logits)
+        value = output.score if config.stage == 2 else _expected_level_score(output.level_logits, bounds)
         value, mos = accelerator.gather_for_metrics((value.float(), mos))
         predicted += value.tolist()
         targets += mos.tolist()
@@ -172,9 +188,10 @@ def _validate(prepared_model, model, accelerator, val_set, spatial, config) -> d
     return {"val_srcc": srcc(predicted, targets), "val_plcc": plcc(predicted, targets), "val_n": len(targets)}
 
 
-def _expected_level_score(level_logits: torch.Tensor) -> torch.Tensor:
-    """Stage I has no trained head yet: score by the level distribution (bin centres 10..90)."""
-    centres = torch.arange(10.0, 100.0, 20.0, device=level_logits.device)
+def _expected_level_score(level_logits: torch.Tensor, bounds: tuple[float, float]) -> torch.Tensor:
+    """Stage I has no trained head yet: score by the level distribution (the bins' centres)."""
+    low, high = bounds
+    centres = low + (torch.arange(len(LEVELS), device=level_logits.device) + 0.5) * (high - low) / len(LEVELS)
     return level_logits.float().softmax(-1) @ centres
 
 

@@ -99,33 +99,139 @@ def uniform_indices(n_total: int, n: int) -> np.ndarray:
     return (2 * i + 1) * n_total // (2 * n)
 
 
+def internvl_indices(n_total: int, n: int) -> np.ndarray:
+    """InternVL's (and FineVQ's) get_index with no bound: int(seg/2 + round(seg*i)), seg = (n_total-1)/n.
+
+    np.round rounds half to even, as theirs does; the last frame is never picked.
+    """
+    if n_total < 1 or n < 1:
+        raise ValueError(f"need n_total >= 1 and n >= 1, got n_total={n_total}, n={n}")
+    segment = (n_total - 1) / n
+    return np.array([int(segment / 2 + np.round(segment * i)) for i in range(n)], dtype=np.int64)
+
+
+FRAME_SAMPLINGS = {"internvl": internvl_indices, "centres": uniform_indices}
+
+
+def frame_indices(n_total: int, n: int, sampling: str = "centres") -> np.ndarray:
+    """The `n` frame indices a recipe's frame sampling picks from `n_total` frames."""
+    if sampling not in FRAME_SAMPLINGS:
+        raise ValueError(f"unknown frame sampling {sampling!r}; expected one of {', '.join(FRAME_SAMPLINGS)}")
+    return FRAME_SAMPLINGS[sampling](n_total, n)
+
+
 def probe(path: str | os.PathLike, backend: str = "auto") -> VideoInfo:
     """Metadata only: PyAV decodes nothing, decord decodes frame 0 to learn the size."""
     return _read(path, backend, None)[0]
 
 
-def sample_frames(path: str | os.PathLike, n: int = 8, backend: str = "auto") -> Clip:
-    """`n` frames at `uniform_indices`; only those frames are decoded."""
-    return _clip(*_read(path, backend, (n,)), n)
+def sample_frames(path: str | os.PathLike, n: int = 8, backend: str = "auto", sampling: str = "centres") -> Clip:
+    """`n` frames at `frame_indices(..., sampling)`; only those frames are decoded."""
+    return _clip(*_read(path, backend, ((n, sampling),)), n, sampling)
 
 
 def dense_clip(path: str | os.PathLike, n: int = 32, short_side: int = 224, backend: str = "auto") -> Clip:
     """`n` frames spread over the whole video, shrunk so the short side is <= `short_side`."""
     _check_short_side(short_side)
-    return _shrink(_clip(*_read(path, backend, (n,)), n), short_side)
+    return _shrink(_clip(*_read(path, backend, ((n, "centres"),)), n), short_side)
 
 
 def sample_and_dense(path: str | os.PathLike, n: int = 8, dense_n: int = 32, short_side: int = 224,
-                     backend: str = "auto") -> tuple[Clip, Clip]:
-    """`sample_frames(path, n)` and `dense_clip(path, dense_n, short_side)` from one decoding pass."""
+                     backend: str = "auto", sampling: str = "centres") -> tuple[Clip, Clip]:
+    """`sample_frames(path, n, sampling=sampling)` and `dense_clip(path, dense_n, short_side)` from one
+    decoding pass."""
     _check_short_side(short_side)
-    read = _read(path, backend, (n, dense_n))
-    return _clip(*read, n), _shrink(_clip(*read, dense_n), short_side)
+    read = _read(path, backend, ((n, sampling), (dense_n, "centres")))
+    return _clip(*read, n, sampling), _shrink(_clip(*read, dense_n), short_side)
 
 
-def _clip(info, unique, frames, n) -> Clip:
-    """The `n` uniformly sampled frames, picked from the decoded `unique` indices."""
-    indices = uniform_indices(info.n_frames, n)
+def all_frames(path: str | os.PathLike, backend: str = "auto", max_frames: int = 1200,
+               size: int | tuple[int, int] | None = None) -> Clip:
+    """Every frame of the video, in presentation order (FineVQ's motion input).
+
+    `size` (an int, or (width, height)) stretches each frame, without cropping, with PIL's
+    bicubic `Image.resize` (what FineVQ's `dynamic_preprocess(max_num=1)` does) as soon as it is
+    decoded, so memory stays at most `max_frames` resized frames (448: 0.6 MB each, 0.72 GB for
+    1200 frames) plus one decoded frame; with size=None frames keep their decoded size. A video
+    with more than `max_frames` frames is refused (VideoReadError) before or while decoding.
+    Frames are decoded in one sequential pass (no seeking); backend="auto" tries PyAV, then decord.
+    """
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if size is not None:
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        if len(size) != 2 or min(size) < 1:
+            raise ValueError(f"size must be a positive int or (width, height), got {size}")
+    path = os.fspath(path)
+    info = probe(path, backend)  # checks the path and the backend, and counts frames cheaply
+    too_many = (f"{{}} frames, more than max_frames={max_frames}: every frame is decoded and kept, so "
+                f"longer videos are refused to bound memory (raise max_frames, or trim the video)")
+    if info.n_frames > max_frames:
+        raise VideoReadError(path, too_many.format(info.n_frames))
+    if info.backend == "image":
+        frames = _read(path, backend, ((1, "centres"),))[2]
+        frames = np.stack([_stretch(f, size) for f in frames])
+        return Clip(frames, np.zeros(1, np.int64), info, repeated=False)
+
+    def decode(reader):
+        def run(p, _counts):
+            out = []
+            for frame in reader(p):
+                if len(out) == max_frames:
+                    raise VideoReadError(p, too_many.format(f"over {max_frames}"))
+                out.append(_stretch(frame, size))
+            if not out:
+                raise VideoReadError(p, "no video frames")
+            return out
+        return run
+
+    readers = {"pyav": _iter_pyav, "decord": _iter_decord}
+    names = list(BACKENDS) if backend == "auto" else [backend]
+    names.sort(key=lambda name: name != info.backend)  # the backend that probed it first
+    errors = []
+    for name in names:
+        try:
+            frames = _guarded(path, name, decode(readers[name]), None)
+            break
+        except VideoReadError as error:
+            if "max_frames" in error.reason:
+                raise
+            errors.append(error)
+    else:
+        raise VideoReadError(path, "; ".join(e.reason for e in errors)) from errors[-1]
+    n = len(frames)
+    info = replace(info, n_frames=n, duration=_duration(n, info.fps), backend=name)
+    return Clip(np.stack(frames), np.arange(n, dtype=np.int64), info, repeated=False)
+
+
+def _stretch(frame: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """`frame` resized to size = (width, height) by PIL's default (bicubic) filter; None: as is."""
+    if size is None or (frame.shape[1], frame.shape[0]) == size:
+        return frame
+    return np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.BICUBIC))
+
+
+def _iter_pyav(path):
+    """All frames, decoded from the start; the decoder outputs them in presentation order."""
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise VideoReadError(path, "no video stream")
+        stream = container.streams.video[0]
+        for frame in container.decode(stream):
+            yield frame.to_ndarray(format="rgb24")
+
+
+def _iter_decord(path, chunk: int = 32):
+    import decord
+
+    reader = decord.VideoReader(path, ctx=decord.cpu(0))
+    for start in range(0, len(reader), chunk):
+        yield from reader.get_batch(list(range(start, min(start + chunk, len(reader))))).asnumpy()
+
+
+def _clip(info, unique, frames, n, sampling="centres") -> Clip:
+    """The `n` sampled frames, picked from the decoded `unique` indices."""
+    indices = frame_indices(info.n_frames, n, sampling)
     return Clip(frames[np.searchsorted(unique, indices)], indices, info, repeated=info.n_frames < n)
 
 
@@ -145,18 +251,18 @@ def _shrink(clip: Clip, short_side: int) -> Clip:
     return replace(clip, frames=frames)
 
 
-def _targets(n_frames: int, counts) -> np.ndarray:
-    """Sorted unique frame indices needed by every requested uniform sampling."""
-    return np.unique(np.concatenate([uniform_indices(n_frames, n) for n in counts]))
+def _targets(n_frames: int, samplings) -> np.ndarray:
+    """Sorted unique frame indices needed by every requested (count, sampling)."""
+    return np.unique(np.concatenate([frame_indices(n_frames, n, sampling) for n, sampling in samplings]))
 
 
 def _read(path, backend, counts):
-    """(info, unique sorted indices, their frames) for the uniform samplings of sizes `counts`;
+    """(info, unique sorted indices, their frames) for the (count, sampling) pairs in `counts`;
     with counts=None only info is read."""
     if backend != "auto" and backend not in BACKENDS:
         raise ValueError(f"unknown video backend {backend!r}; valid: {', '.join(('auto',) + BACKENDS)}")
-    for n in counts or ():
-        uniform_indices(1, n)  # reject a bad n before touching the file
+    for n, sampling in counts or ():
+        frame_indices(1, n, sampling)  # reject a bad n or sampling before touching the file
     path = os.fspath(path)
     if not os.path.exists(path):
         raise VideoReadError(path, "no such file")

@@ -9,7 +9,7 @@ import warnings  # noqa: E402
 import pytest  # noqa: E402
 
 # Small everywhere (32-px frames, 4 per video, a short SlowFast clip): the production code paths, fast.
-TINY_FEATURES = dict(num_frames=4, image_size=32, face_backend="yunet-sface", temporal_random=True,
+TINY_FEATURES = dict(num_frames=4, image_size=32, face_backend="yunet-sface", temporal_random=True, temporal_preprocess="kinetics",
                      temporal_size=32, temporal_frames=8)
 
 

@@ -14,9 +14,11 @@ from transformers import LlamaConfig
 from fvq_plugin.convert import (ConversionError, convert_checkpoint, main_convert, parse_maps, split_internlm2_wqkv,
                                 split_vision_qkv)
 from fvq_plugin.model import FVQRater, FVQRaterConfig, LoraSettings
+from fvq_plugin.recipe import FVQ
 from fvq_plugin.tiny import tiny_backbone_config, tiny_tokenizer
 
 FRAMES = 2
+RECIPE = FVQ.derive(num_frames=FRAMES)
 # Release prefix -> ours: the kind of names an unknown release might use.
 HEAD_MAP = {"portrait_proj.": "projectors.portrait.", "face_proj.": "projectors.face.",
             "motion_proj.": "projectors.temporal.", "no_face_token": "no_face", "quality_head.": "score_head."}
@@ -144,8 +146,7 @@ def original(internlm2):
         vlm_config.text_config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
                                              num_key_value_heads=2, intermediate_size=128, vocab_size=len(tokenizer),
                                              max_position_embeddings=4096, tie_word_embeddings=False)
-    model = FVQRater.random(FVQRaterConfig(num_frames=FRAMES, face_dim=128, lora=LoraSettings(r=0)), vlm_config,
-                            tokenizer)
+    model = FVQRater.random(FVQRaterConfig(recipe=RECIPE, face_dim=128, lora=LoraSettings(r=0)), vlm_config, tokenizer)
     with torch.no_grad():  # heads away from their init (a zero last layer would hide any mix-up)
         for name, parameter in model.named_parameters():
             if not name.startswith("backbone."):
@@ -174,7 +175,7 @@ def batch(model):
 
 
 def assert_same_predictions(model, directory):
-    converted = FVQRater.from_pretrained(directory)
+    converted = FVQRater.from_pretrained(directory, merge_lora=False)
     inputs = batch(model)
     with torch.no_grad():
         expected, got = model(**inputs), converted(**inputs)
@@ -188,7 +189,7 @@ def test_conversion_reproduces_the_original(tmp_path, request, layout):
     internlm2 = layout.startswith("internlm2")
     model = request.getfixturevalue("internlm2_model" if internlm2 else "qwen2_model")
     src = write_release(tmp_path / "release", model, internlm2, shards=2 if internlm2 else 1)
-    report = convert_checkpoint(src, tmp_path / "converted", HEAD_MAP, rater_config={"num_frames": FRAMES})
+    report = convert_checkpoint(src, tmp_path / "converted", HEAD_MAP, recipe=RECIPE)
     assert report.clean, str(report)
     assert report.mapped == len(model.vlm.state_dict()) + len(model.heads_state_dict())
 
@@ -196,7 +197,9 @@ def test_conversion_reproduces_the_original(tmp_path, request, layout):
     saved = json.loads((tmp_path / "converted" / "fvq_rater.json").read_text())
     assert saved["backbone"] == "backbone" and saved["lora"]["r"] == 0 and not converted.has_lora
     assert (saved["face_dim"], saved["temporal_dim"]) == (128, 2304)  # read off the projector weights
-    assert saved["features"] == {"image_size": 64, "num_frames": FRAMES}
+    assert saved["recipe"] == RECIPE.to_dict() | {"release_unused": list(RECIPE.release_unused)}
+    assert saved["features"] == {"streams": list(saved["streams"]), "image_size": 64, "num_frames": FRAMES,
+                                 "frame_sampling": "internvl", "temporal_preprocess": "finevq", "temporal_weights": None}
     assert converted.tokenizer.context_image_token == "<IMG_CONTEXT>"
     tokenizer_config = json.loads((tmp_path / "converted" / "backbone" / "tokenizer_config.json").read_text())
     assert "auto_map" not in tokenizer_config  # the custom InternLM2 tokenizer code is not carried over
@@ -206,10 +209,10 @@ def test_unknown_and_missing_keys_fail_strictly(tmp_path, qwen2_model, capsys):
     src = write_release(tmp_path / "release", qwen2_model, drop=("motion_proj.",),
                         extra={"aux_head.weight": torch.zeros(3, 4)})
     with pytest.raises(ConversionError) as caught:
-        convert_checkpoint(src, tmp_path / "converted", HEAD_MAP, rater_config={"num_frames": FRAMES})
+        convert_checkpoint(src, tmp_path / "converted", HEAD_MAP, recipe=RECIPE)
     report = caught.value.report
     assert report.unmatched_source == ["aux_head.weight"]
-    assert report.missing_target == [f"projectors.temporal.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")]
+    assert report.missing_target == [f"projectors.temporal.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")]
     assert "aux_head.weight  [3, 4]" in str(caught.value)
     assert not (tmp_path / "converted").exists()
 
@@ -222,7 +225,7 @@ def test_allow_unmatched_writes_the_report(tmp_path, qwen2_model):
     src = write_release(tmp_path / "release", qwen2_model, drop=("motion_proj.",),
                         extra={"aux_head.weight": torch.zeros(3, 4)})
     dst = tmp_path / "converted"
-    report = convert_checkpoint(src, dst, HEAD_MAP, allow_unmatched=True, rater_config={"num_frames": FRAMES})
+    report = convert_checkpoint(src, dst, HEAD_MAP, allow_unmatched=True, recipe=RECIPE)
     assert not report.clean
     written = (dst / "conversion_report.txt").read_text()
     assert "aux_head.weight" in written and "projectors.temporal.0.weight" in written
@@ -233,15 +236,14 @@ def test_allow_unmatched_writes_the_report(tmp_path, qwen2_model):
 def test_missing_score_head_is_refused_even_when_allowed(tmp_path, qwen2_model):
     src = write_release(tmp_path / "release", qwen2_model, drop=("quality_head.",))
     with pytest.raises(ConversionError, match="score head") as caught:
-        convert_checkpoint(src, tmp_path / "converted", HEAD_MAP, allow_unmatched=True,
-                           rater_config={"num_frames": FRAMES})
-    assert "score_head.0.weight" in caught.value.report.missing_target
+        convert_checkpoint(src, tmp_path / "converted", HEAD_MAP, allow_unmatched=True, recipe=RECIPE)
+    assert "score_head.fc1.weight" in caught.value.report.missing_target
     assert not (tmp_path / "converted").exists()
 
 
 def test_release_names_equal_to_ours_need_no_map(tmp_path, qwen2_model):
     src = write_release(tmp_path / "release", qwen2_model, head_names={p: p for p in HEAD_MAP.values()})
-    assert convert_checkpoint(src, tmp_path / "converted", rater_config={"num_frames": FRAMES}).clean
+    assert convert_checkpoint(src, tmp_path / "converted", recipe=RECIPE).clean
     assert_same_predictions(qwen2_model, tmp_path / "converted")
 
 

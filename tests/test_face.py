@@ -11,7 +11,8 @@ import skimage.data
 from insightface.utils.face_align import arcface_dst
 
 from fvq_plugin.features import face
-from fvq_plugin.features.face import MODELS_ENV, FaceFeatures, pick_face
+from fvq_plugin.common import FACE_MODELS_ENV as MODELS_ENV
+from fvq_plugin.features.face import FaceFeatures, pick_face
 
 IMAGES = Path(insightface.__file__).parent / "data" / "images"
 

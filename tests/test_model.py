@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from fvq_plugin.model import (LEVELS, STREAMS, CheckpointError, FVQRater, FVQRaterConfig, FVQRaterOutput, LoraSettings,
+from fvq_plugin.common import LEVELS, STREAMS
+from fvq_plugin.model import (CheckpointError, FVQRater, FVQRaterConfig, FVQRaterOutput, LoraSettings,
                               answer_text, level_index)
 from fvq_plugin.tiny import tiny_rater
 
@@ -54,7 +55,8 @@ def test_prompt_reserves_positions_for_every_stream(model):
     frames = model.config.num_frames
     assert counts == {"spatial": frames * model.tokens_per_frame, "portrait": frames * model.tokens_per_frame,
                       "face": frames, "temporal": 1}
-    assert model.prompt_text().endswith("Please evaluate the quality of this video.\nassistant: The video quality is")
+    assert model.prompt_text().endswith("How would you rate the overall quality of this video?<|im_end|>"
+                                        "<|im_start|>assistant\nThe video quality is")
 
 
 def test_untrained_head_answers_mid_scale(model):
@@ -97,25 +99,40 @@ def test_save_and_load_give_identical_scores(tmp_path, extractor):
     assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["adapter", "backbone", "fvq_rater.json",
                                                                        "heads.safetensors"]
     assert not list((tmp_path / "ckpt").rglob("*.bin")) and not list((tmp_path / "ckpt").rglob("*.pt"))
-    loaded = FVQRater.from_pretrained(tmp_path / "ckpt")
+    loaded = FVQRater.from_pretrained(tmp_path / "ckpt", merge_lora=False)
     assert loaded.predict(**batch) == expected
+    # Scoring merges LoRA into the base weights: the same function up to float rounding.
+    merged = FVQRater.from_pretrained(tmp_path / "ckpt")
+    assert not merged.has_lora and merged.trained_digest == loaded.trained_digest
+    assert [r["score"] for r in merged.predict(**batch)] == pytest.approx([r["score"] for r in expected], abs=1e-3)
     # Saving the loaded model refers to the base it came from instead of copying it.
     loaded.save_pretrained(tmp_path / "again")
     assert not (tmp_path / "again" / "backbone").exists()
-    assert FVQRater.from_pretrained(tmp_path / "again").predict(**batch) == expected
+    assert FVQRater.from_pretrained(tmp_path / "again", merge_lora=False).predict(**batch) == expected
 
 
-def test_predict_composes_level_and_score_text(model):
+def test_predict_composes_level_and_score_text(model, monkeypatch):
     model.eval()
+    monkeypatch.setattr(model.config, "recipe", model.config.recipe.replace(mos_range=(0.0, 100.0)))
     result = model.predict(**random_batch(model, batch=1))[0]
     assert result["level"] in LEVELS and 0 <= result["score"] <= 100
-    assert result["text"] == answer_text(result["level"], result["score"])
+    assert result["text"] == answer_text(result["level"], result["score"], model.config.recipe)
     assert result["level"] == LEVELS[min(int(round(result["score"], 2) // 20), 4)]  # the text never contradicts itself
     assert result["text"].startswith("The video quality is ") and abs(sum(result["level_probs"].values()) - 1) < 1e-5
 
 
+def test_without_the_training_mos_range_the_level_word_is_the_lms_own(model, monkeypatch):
+    assert model.config.recipe.level_bins == "min-max" and model.config.recipe.mos_range is None
+    level_logits = torch.tensor([[0.0, 3.0, 0.0, 0.0, 0.0]])
+    monkeypatch.setattr(model, "forward", lambda **_: FVQRaterOutput(None, level_logits, torch.tensor([93.0])))
+    assert model.predict()[0]["level"] == "poor"
+
+
 def test_level_bins_are_equal_width():
     assert level_index(torch.tensor([0.0, 19.9, 20.0, 59.9, 60.0, 80.0, 100.0])).tolist() == [0, 0, 1, 2, 3, 4, 4]
+    # FineVQ's min-max bins, e.g. LIVE-VQC's MOS range 6.22..94.29: boundaries 23.84 / 41.45 / 59.06 / 76.67
+    assert level_index(torch.tensor([6.22, 23.77, 24.11, 59.24, 76.72, 94.29]), (6.22368, 94.2865)).tolist() == [
+        0, 0, 1, 3, 4, 4]
 
 
 def test_lora_targets_follow_the_settings():
@@ -140,7 +157,7 @@ def test_a_bfloat16_backbone_works_with_float32_heads(tmp_path, extractor):
     perturb_trainable(model)
     model.save_pretrained(tmp_path / "ckpt")
     loaded = FVQRater.from_pretrained(tmp_path / "ckpt", dtype=torch.bfloat16)
-    assert loaded.vlm.dtype == torch.bfloat16 and loaded.score_head[0].weight.dtype == torch.float32
+    assert loaded.vlm.dtype == torch.bfloat16 and loaded.score_head.output.weight.dtype == torch.float32
     result = loaded.predict(**random_batch(loaded))
     assert len(result) == 2 and all(0 <= r["score"] <= 100 for r in result)
 
@@ -150,6 +167,7 @@ def test_the_level_word_names_the_bin_of_the_score_shown_and_the_level_head_is_r
     scores = torch.tensor([18.77, 19.999, 100.0, 0.0, 63.5])
     level_logits = torch.tensor([[0.0, 0.0, 0.0, 0.0, 5.0]]).expand(len(scores), -1)  # the head says "excellent"
     monkeypatch.setattr(model, "forward", lambda **_: FVQRaterOutput(None, level_logits, scores))
+    monkeypatch.setattr(model.config, "recipe", model.config.recipe.replace(mos_range=(0.0, 100.0)))
     results = model.predict()
     assert [r["level"] for r in results] == ["bad", "poor", "excellent", "bad", "good"]  # 19.999 shows as 20.00
     assert results[0]["text"] == "The video quality is bad. The score is 18.77."

@@ -52,13 +52,13 @@ def test_stages_write_best_and_last_checkpoints(tmp_path, extractor, data):
 
 def test_stage_two_trains_the_head_and_stage_one_does_not(extractor, data, tmp_path):
     model = tiny_rater(extractor)
-    head = model.score_head[2].weight.clone()
+    head = model.score_head.output.weight.clone()
     train(model, extractor.preparer.spatial, *data, TrainConfig(stage=1, epochs=1, lr=1e-3), tmp_path / "1",
           progress=False)
-    assert torch.equal(model.score_head[2].weight, head)
+    assert torch.equal(model.score_head.output.weight, head)
     train(model, extractor.preparer.spatial, *data, TrainConfig(stage=2, epochs=1, lr=1e-3), tmp_path / "2",
           progress=False)
-    assert not torch.equal(model.score_head[2].weight, head)
+    assert not torch.equal(model.score_head.output.weight, head)
 
 
 def test_resuming_an_interrupted_run_gives_identical_results(tmp_path, extractor, data, monkeypatch):
@@ -122,4 +122,4 @@ def test_gradient_checkpointing_trains_the_same_parameters(tmp_path, extractor, 
     after = trained_state(model)
     changed = [k for k in before if not torch.equal(before[k], after[k])]
     assert any("lora_B" in k and "vision_tower" in k for k in changed)
-    assert any("lora_B" in k and "language_model" in k for k in changed) and "score_head.2.weight" in changed
+    assert any("lora_B" in k and "language_model" in k for k in changed) and "score_head.fc5.weight" in changed

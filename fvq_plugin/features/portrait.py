@@ -9,13 +9,13 @@ output float32 [1, H, W, 1] person probability.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import cv2
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
+from ..common import file_digest
 from ..errors import InputError
 from ..quiet import native_stderr_filtered
 
@@ -42,7 +42,7 @@ class PortraitFeatures:
         self.threshold = float(threshold)
         self.min_person_fraction = float(min_person_fraction)
         self.num_threads = int(num_threads)
-        self._sha256 = hashlib.sha256(self.model_path.read_bytes()).hexdigest()
+        self._sha256 = file_digest(self.model_path)
         # Built now so a model with the wrong I/O contract fails at construction, not mid-epoch.
         self._interpreter = None
         self._load()

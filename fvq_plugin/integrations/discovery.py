@@ -17,7 +17,7 @@ import os
 import sys
 import warnings
 
-DISABLE_ENV = "FVQ_PLUGIN_DISCOVERY"
+from ..common import DISCOVERY_ENV
 
 
 def _register_pyiqa(module) -> None:
@@ -85,7 +85,7 @@ _installed = False
 def install() -> None:
     """Register with the frameworks already imported; watch for the others. Idempotent."""
     global _installed
-    if _installed or os.environ.get(DISABLE_ENV, "1") == "0":
+    if _installed or os.environ.get(DISCOVERY_ENV, "1") == "0":
         return
     _installed = True
     for name, hook in HOOKS.items():

@@ -66,28 +66,33 @@ class FVQRaterLMM(lmms):
         attn_implementation: sdpa, flash_attention_2, eager.
         batch_size: videos per forward.   workers: DataLoader processes decoding ahead.
         cache_dir: feature cache folder (a second run skips decoding and feature extraction).
-        face_models, temporal_weights, portrait_model: local feature-model paths overriding the checkpoint's.
+        merge_lora: fold LoRA into the base weights (default true).
+        video_backend, face_backend, face_models, portrait_model, temporal_weights: feature settings
+            overriding the checkpoint's.
     """
 
     def __init__(self, pretrained=None, device=None, dtype=None, device_map=None, attn_implementation=None,
-                 batch_size=8, workers=0, cache_dir=None, face_models=None, temporal_weights=None,
-                 portrait_model=None, max_batch_size=None, **unknown):  # max_batch_size: lmms-eval's, unused
+                 batch_size=8, workers=0, cache_dir=None, merge_lora=True, max_batch_size=None,  # lmms-eval's, unused
+                 **feature_settings):
         super().__init__()
-        if unknown:
-            raise ValueError(f"fvq_rater: unknown model_args {sorted(unknown)}; see `help(FVQRaterLMM)`")
-        from ..model import checkpoint_path, parse_dtype
+        from ..checkpoint import checkpoint_path, parse_dtype
+        from ..features.pipeline import FEATURE_OVERRIDES
         from ..scoring import Scorer
+
+        unknown = sorted(set(feature_settings) - set(FEATURE_OVERRIDES))
+        if unknown:
+            raise ValueError(f"fvq_rater: unknown model_args {unknown}; see `help(FVQRaterLMM)`")
 
         self.accelerator = Accelerator()
         self._rank = self.accelerator.local_process_index
         self._world_size = self.accelerator.num_processes
         # One device per rank when lmms-eval runs under accelerate launch.
         self._device = str(self.accelerator.device) if self._world_size > 1 else device or str(self.accelerator.device)
-        overrides = {"face_models": face_models, "temporal_weights": temporal_weights, "portrait_model": portrait_model}
         self.scorer = Scorer.from_pretrained(
             checkpoint_path(pretrained, "--model_args pretrained=DIR"), device=self._device,
             dtype=parse_dtype(dtype), device_map=device_map, attn_implementation=attn_implementation,
-            feature_overrides=overrides, batch_size=int(batch_size), workers=int(workers), cache_dir=cache_dir)
+            feature_overrides=feature_settings, merge_lora=str(merge_lora).lower() not in ("false", "0", "no"),
+            batch_size=int(batch_size), workers=int(workers), cache_dir=cache_dir)
 
     @property
     def batch_size(self) -> int:

@@ -44,25 +44,47 @@ class FVQRaterArch(nn.Module):
         pretrained (bool): must stay True; FVQ-Rater has no meaningful random-weight mode.
         pretrained_model_path (str): FVQ-Rater checkpoint folder (default: env FVQ_RATER_WEIGHTS).
         batch_size (int): videos per forward when a list of paths is given.
-        dtype, device_map, attn_implementation: backbone loading options for large checkpoints.
-        face_models, temporal_weights, portrait_model: local model paths of the feature streams,
+        dtype: backbone dtype (default: bfloat16 on a GPU, the checkpoint's on the CPU).
+        device_map, attn_implementation: backbone loading options for large checkpoints; with a
+            device_map the backbone stays where it was dispatched.
+        merge_lora (bool): fold LoRA into the base weights (default True).
+        video_backend, face_backend, face_models, portrait_model, temporal_weights: feature settings
             overriding those recorded in the checkpoint.
+
+    The checkpoint is checked here but loaded on the first `.to(device)` (which pyiqa's
+    create_metric calls right away) straight onto that device, never built on the CPU first.
     """
 
     def __init__(self, pretrained: bool = True, pretrained_model_path: str | None = None, batch_size: int = 8,
-                 dtype=None, device_map=None, attn_implementation=None, face_models=None, temporal_weights=None,
-                 portrait_model=None):
+                 dtype=None, device_map=None, attn_implementation=None, merge_lora: bool = True, **feature_settings):
         super().__init__()
-        from ..model import checkpoint_path
-        from ..scoring import Scorer
+        from ..checkpoint import checkpoint_path, parse_dtype
+        from ..features.pipeline import FEATURE_OVERRIDES
 
         if not pretrained:
             raise ValueError("fvq_rater has no random-weight mode: it needs FVQ-Rater weights")
-        path = checkpoint_path(pretrained_model_path, "pretrained_model_path=DIR to pyiqa.create_metric")
-        overrides = {"face_models": face_models, "temporal_weights": temporal_weights, "portrait_model": portrait_model}
-        self.scorer = Scorer.from_pretrained(path, dtype=dtype, device_map=device_map,
-                                             attn_implementation=attn_implementation, feature_overrides=overrides,
-                                             batch_size=batch_size)
+        unknown = sorted(set(feature_settings) - set(FEATURE_OVERRIDES))
+        if unknown:
+            raise TypeError(f"fvq_rater: unknown options {unknown}; feature settings are {', '.join(FEATURE_OVERRIDES)}")
+        self.path = checkpoint_path(pretrained_model_path, "pretrained_model_path=DIR to pyiqa.create_metric")
+        self.options = {"dtype": parse_dtype(dtype), "device_map": device_map, "attn_implementation": attn_implementation,
+                        "merge_lora": merge_lora, "feature_overrides": feature_settings, "batch_size": batch_size}
+        self.scorer = None
+
+    def to(self, *args, **kwargs):
+        device = torch._C._nn._parse_to(*args, **kwargs)[0]
+        if self.scorer is None:
+            self._load(device or torch.device("cpu"))
+        # A dispatched backbone stays where accelerate placed it.
+        return self if self.options["device_map"] is not None else super().to(*args, **kwargs)
+
+    def _load(self, device: torch.device) -> None:
+        from ..scoring import Scorer
+
+        options = dict(self.options)
+        if options["dtype"] is None and device.type == "cuda":
+            options["dtype"] = torch.bfloat16
+        self.scorer = Scorer.from_pretrained(self.path, device=device, **options)
         # Submodules, so pyiqa's .to(device) moves the rater and SlowFast together.
         self.rater = self.scorer.model
         temporal = self.scorer.extractor.temporal
@@ -87,7 +109,9 @@ class FVQRaterArch(nn.Module):
     def forward(self, videos) -> torch.Tensor:
         from ..video import VideoReadError
 
-        device = next(self.rater.parameters()).device
+        if self.scorer is None:
+            self._load(torch.device("cpu"))
+        device = self.scorer.device
         if isinstance(videos, VideoPaths):
             results = self.scorer.score(videos, progress=False)
             failed = [r for r in results if "error" in r]

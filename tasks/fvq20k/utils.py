@@ -13,8 +13,7 @@ import os
 from lmms_eval.api.task import ConfigurableTask
 
 from fvq_plugin.answers import FAILED, SCORED, UNPARSED, parse_answer
-
-ROOT_ENV = "FVQ20K_ROOT"
+from fvq_plugin.common import DATA_ROOT_ENV
 
 
 class FVQ20KTask(ConfigurableTask):
@@ -28,9 +27,9 @@ class FVQ20KTask(ConfigurableTask):
 
         from fvq_plugin.data import DatasetError, read_split
 
-        root = (dataset_kwargs or {}).get("root") or os.environ.get(ROOT_ENV)
+        root = (dataset_kwargs or {}).get("root") or os.environ.get(DATA_ROOT_ENV)
         if not root:
-            raise ValueError(f"{self.config.task}: no FVQ-20K root. Set {ROOT_ENV}=/path/to/FVQ-20K (the folder holding "
+            raise ValueError(f"{self.config.task}: no FVQ-20K root. Set {DATA_ROOT_ENV}=/path/to/FVQ-20K (the folder holding "
                              "train/ val/ test/, each with labels.txt and videos/) or give dataset_kwargs.root in a "
                              "task YAML that includes this task. `fvq-rater make-demo-data DIR` writes a small one.")
         split = self.config.test_split

@@ -1,0 +1,19 @@
+"""Names several modules share, each defined once here, and the file-hash helper; imports nothing heavy."""
+from __future__ import annotations
+
+import hashlib
+import os
+
+STREAMS = ("spatial", "portrait", "face", "temporal")
+LEVELS = ("bad", "poor", "fair", "good", "excellent")
+
+WEIGHTS_ENV = "FVQ_RATER_WEIGHTS"        # an FVQ-Rater checkpoint folder
+FACE_MODELS_ENV = "FVQ_FACE_MODELS"      # a folder of insightface ONNX models
+DATA_ROOT_ENV = "FVQ20K_ROOT"            # the FVQ-20K root the lmms-eval tasks read
+DISCOVERY_ENV = "FVQ_PLUGIN_DISCOVERY"   # 0 turns off the import hook that registers the plugin
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in chunks (model files can be gigabytes)."""
+    with open(path, "rb") as file:
+        return hashlib.file_digest(file, algorithm).hexdigest()
