@@ -83,15 +83,14 @@ def read_config(directory) -> dict:
 
 
 def inside(directory, reference: str, what: str) -> Path:
-    """`reference` from a checkpoint's config as a path: relative ones resolve inside `directory` and may not leave it."""
+    """`reference` from a checkpoint's config as a path: a relative one is taken below `directory` and may not
+    climb out of it with "..". (A symlink inside the checkpoint, e.g. to a shared backbone, is the owner's choice.)"""
     path = Path(reference)
     if path.is_absolute():
         return path
-    root = Path(directory).resolve()
-    resolved = (root / path).resolve()
-    if not resolved.is_relative_to(root):
+    if ".." in path.parts:
         raise CheckpointError(f"{Path(directory) / CONFIG_FILE}: {what} {reference!r} points outside the checkpoint")
-    return resolved
+    return Path(directory) / path
 
 
 def _relative_if_inside(path, directory) -> str:
@@ -116,12 +115,16 @@ def save_rater(model: FVQRater, directory, copy_backbone: bool | None = None) ->
     """
     from safetensors.torch import save_file
 
+    if model.lora_merged:
+        raise CheckpointError("this rater's LoRA was merged into its backbone for scoring, so saving it would lose the "
+                              "adapter; load it with merge_lora=False (or trainable=True) to save it")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if model.base_path is None or copy_backbone:
         _save_base(model, directory / BACKBONE_DIR)
     backbone_ref = _relative_if_inside(directory / BACKBONE_DIR if model.base_path is None or copy_backbone
                                        else model.base_path, directory)
+    shutil.rmtree(directory / ADAPTER_DIR, ignore_errors=True)  # never leave an earlier save's adapter behind
     if model.has_lora:
         model.backbone.save_pretrained(directory / ADAPTER_DIR)
     save_file({k: v.detach().contiguous().cpu() for k, v in model.heads_state_dict().items()}, directory / HEADS_FILE)
@@ -203,6 +206,17 @@ def load_rater(directory, trainable: bool = False, merge_lora: bool | None = Non
     if "face" in config.streams:
         model.no_face.data = model.no_face.data.to(device)
     return model.train(trainable)
+
+
+def base_identity(base_path) -> list | None:
+    """What identifies a base backbone wherever it lies: its config and its weight files' names and sizes
+    (hashing 16 GB of weights for every scoring run would cost minutes)."""
+    if base_path is None:
+        return None
+    base_path = Path(base_path)
+    files = sorted((p.relative_to(base_path).as_posix(), p.stat().st_size) for p in base_path.rglob("*.safetensors"))
+    config = base_path / "config.json"
+    return [config.read_text(encoding="utf-8") if config.is_file() else None, files]
 
 
 def trained_digest(model: FVQRater) -> str:

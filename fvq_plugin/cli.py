@@ -39,8 +39,6 @@ def _validate(args) -> int:
     return 1 if problems else 0
 
 
-
-
 def _feature_overrides(args) -> dict:
     from .features.pipeline import FEATURE_OVERRIDES
 
@@ -199,9 +197,9 @@ def _feature_config(base: dict, args):
 
 
 def _train(args) -> int:
+    from .checkpoint import checkpoint_path, load_backbone, parse_dtype
     from .data import read_split
     from .features import FeatureExtractor
-    from .checkpoint import checkpoint_path, load_backbone, parse_dtype
     from .model import FVQRater, FVQRaterConfig, LoraSettings
     from .recipe import load_recipe
     from .scoring import split_features
@@ -215,9 +213,14 @@ def _train(args) -> int:
         raise UsageError(f"--out {args.out} is not empty: pass --resume to continue that run, --overwrite to replace "
                          "its checkpoints, or another --out")
     if args.init:
+        fixed = [flag for flag, given in (("--recipe", args.recipe), ("--recipe-file", args.recipe_file),
+                                          ("--frames", args.frames)) if given]
+        if fixed:
+            raise UsageError(f"{', '.join(fixed)}: --init continues a rater with its own recipe; these set up new ones")
         model = FVQRater.from_pretrained(checkpoint_path(args.init, "--init DIR"), trainable=True,
                                          dtype=parse_dtype(args.dtype))
         extractor = FeatureExtractor(_feature_config(model.config.features, args), device=args.device)
+        model.config.features = extractor.config.to_dict()  # the settings trained with, overrides included
     else:
         if args.stage == 2:
             print("train --stage 2 without --init starts from scratch (new LoRA, projectors and head); pass "
@@ -237,7 +240,7 @@ def _train(args) -> int:
         recipe = load_recipe(args.recipe, args.recipe_file)
         recipe = recipe.derive(num_frames=args.frames or recipe.num_frames)
         # The toy backbone keeps the demo's cheap SlowFast clip (tiny_rater names the recipe after the change).
-        base.update(num_frames=recipe.num_frames, frame_sampling=recipe.frame_sampling,
+        base.update(streams=recipe.streams, num_frames=recipe.num_frames, frame_sampling=recipe.frame_sampling,
                     temporal_preprocess=base["temporal_preprocess"] if not args.backbone else recipe.temporal)
         extractor = FeatureExtractor(_feature_config(base, args), device=args.device)
         if args.backbone:
@@ -261,8 +264,8 @@ def _convert(args) -> int:
     from .convert import main_convert
     from .recipe import load_recipe
 
-    return main_convert(args.src, args.dst, args.map or [], allow_unmatched=args.allow_unmatched,
-                        recipe=load_recipe(args.recipe, args.recipe_file))
+    return main_convert(args.src, args.dst, args.map or [], load_recipe(args.recipe, args.recipe_file),
+                        allow_unmatched=args.allow_unmatched)
 
 
 def _bench(args) -> int:
@@ -301,11 +304,12 @@ def _add_feature_args(parser):
     group.add_argument("--temporal-random", action="store_true", help="random SlowFast weights (testing only)")
 
 
-def _add_recipe_args(parser, what: str):
+def _add_recipe_args(parser, what: str, required: bool = False):
     from .recipe import RECIPES  # torch-free
 
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--recipe", choices=list(RECIPES), help=f"conventions of {what} (default: fvq)")
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--recipe", choices=list(RECIPES),
+                       help=f"conventions of {what}" + ("" if required else " (default: fvq)"))
     group.add_argument("--recipe-file", help="a JSON recipe stating every convention (see fvq_plugin/recipe.py)")
 
 
@@ -428,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="name the release's extra modules, e.g. --map quality_head.=score_head. (repeatable)")
     convert.add_argument("--allow-unmatched", action="store_true",
                          help="write even if some release keys are unused (the report lists them)")
-    _add_recipe_args(convert, "the release's conventions")
+    _add_recipe_args(convert, "the release (finevq: FineVQ's layout; fvq: our reading of FVQ-Rater's paper)",
+                     required=True)
     convert.set_defaults(run=_convert)
 
     benchmark = commands.add_parser("bench", help="time the feature and model stages (ratios from one run)")

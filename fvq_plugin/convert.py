@@ -68,7 +68,7 @@ from transformers import (AutoTokenizer, InternVLConfig, InternVLForConditionalG
 from .checkpoint import BACKBONE_DIR
 from .errors import InputError
 from .model import FVQRater, FVQRaterConfig, LoraSettings
-from .recipe import FVQ, Recipe
+from .recipe import Recipe
 
 REPORT_FILE = "conversion_report.txt"
 TEMPORAL_FILE = "temporal/slowfast_r50.safetensors"  # inside the converted checkpoint
@@ -161,8 +161,8 @@ def _shape(shape) -> str:
 # ----- the conversion ---------------------------------------------------------------------------
 
 
-def convert_checkpoint(src, dst, head_map: dict[str, str] | None = None, allow_unmatched: bool = False,
-                       recipe: Recipe = FVQ) -> ConversionReport:
+def convert_checkpoint(src, dst, head_map: dict[str, str] | None = None, allow_unmatched: bool = False, *,
+                       recipe: Recipe) -> ConversionReport:
     """Convert the InternVL-chat-layout checkpoint in directory `src` into an FVQ-Rater checkpoint `dst`.
 
     recipe: the release's conventions (prompt, module structures, read-out, preprocessing) and its
@@ -171,6 +171,11 @@ def convert_checkpoint(src, dst, head_map: dict[str, str] | None = None, allow_u
     """
     src, dst = Path(src), Path(dst)
     chat = _read_chat_config(src)
+    template = chat.get("template")
+    if recipe.chat_template == "internlm2-chat" and template not in (None, "internlm2-chat"):
+        raise ConversionError(f"{src / 'config.json'} names the conversation template {template!r}, recipe "
+                              f"{recipe.name!r} renders 'internlm2-chat': give a recipe whose chat template matches "
+                              "the release (--recipe-file)")
     if dst.exists() and any(dst.iterdir()):
         raise ConversionError(f"{dst} exists and is not empty; convert into a new directory")
     tokenizer = load_tokenizer(src)
@@ -325,8 +330,8 @@ def _compare(provided: dict, expected: dict, origin: dict, report: ConversionRep
 
 def _rater_config(recipe: Recipe, heads: dict, vlm_config, temporal_weights: str | None) -> FVQRaterConfig:
     """The converted rater: the recipe's streams, widths read off the release's projectors, no LoRA left."""
-    streams = ("spatial", *recipe.projectors)
-    fields = {"streams": streams, "recipe": recipe, "lora": LoraSettings(r=0)}
+    streams = recipe.streams
+    fields = {"recipe": recipe, "lora": LoraSettings(r=0)}
     # The stream widths are fixed by the release's projector weights, whatever we would default to.
     for name, stream in (("face_dim", "face"), ("temporal_dim", "temporal")):
         first = next((tensor for key, tensor in heads.items() if key.startswith(f"projectors.{stream}.0.")), None)
@@ -413,9 +418,6 @@ def _config_notes(chat: dict, llm_kind: str, recipe: Recipe) -> list[str]:
              + (" converted to Llama (wqkv split per key/value group)" if llm_kind == "internlm2" else ""),
              f"recipe {recipe.name!r}: prompt rendered with {recipe.chat_template!r}, score head "
              f"{recipe.score_head!r}, temporal preprocessing {recipe.temporal!r}"]
-    template = chat.get("template")
-    if recipe.chat_template == "internlm2-chat" and template not in (None, "internlm2-chat"):
-        notes.append(f"the release's config names the template {template!r}, the recipe renders 'internlm2-chat'")
     rope = chat["llm_config"].get("rope_scaling")
     if rope:
         notes.append(f"rope_scaling {rope} kept as transformers' equivalent")
@@ -464,7 +466,8 @@ def map_weights(source: dict, text_config, llm_kind: str, head_map: dict, report
             report.unmatched_source.append(key)
             report.shapes[key] = tensor.shape
     if any("lora_" in key for key in report.unmatched_source):
-        report.notes.append("the release holds LoRA tensors (lora_*): merge them into the base weights first")
+        report.notes.append("the release holds LoRA tensors this converter cannot merge (only lora_A/lora_B pairs on a "
+                            "base weight are; not e.g. lora_embedding_* or DoRA magnitudes)")
     return backbone, heads, origin
 
 
@@ -577,11 +580,11 @@ def parse_maps(maps: list[str]) -> dict[str, str]:
     return head_map
 
 
-def main_convert(src, dst, maps: list[str], allow_unmatched: bool = False, recipe: Recipe = FVQ) -> int:
+def main_convert(src, dst, maps: list[str], recipe: Recipe, allow_unmatched: bool = False) -> int:
     """`fvq-rater convert SRC DST [--recipe R | --recipe-file F] [--map A=B ...] [--allow-unmatched]`:
     print the report, 0 on success."""
     try:
-        report = convert_checkpoint(src, dst, parse_maps(maps), allow_unmatched, recipe)
+        report = convert_checkpoint(src, dst, parse_maps(maps), allow_unmatched, recipe=recipe)
     except ConversionError as error:
         print(f"conversion failed: {error}", file=sys.stderr)
         return 1

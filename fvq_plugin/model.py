@@ -64,7 +64,7 @@ class LoraSettings:
 
 @dataclass
 class FVQRaterConfig:
-    streams: tuple = STREAMS
+    streams: tuple | None = None  # None: the recipe's (spatial and every stream it states a projector for)
     face_dim: int = 512
     temporal_dim: int = 2304
     recipe: Recipe = FVQ
@@ -73,14 +73,19 @@ class FVQRaterConfig:
     features: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if isinstance(self.recipe, dict):
+            self.recipe = Recipe.from_dict(self.recipe)
+        if self.streams is None:
+            self.streams = self.recipe.streams
         unknown = set(self.streams) - set(STREAMS)
         if unknown or not self.streams:
             raise ValueError(f"streams must be a non-empty subset of {STREAMS}, got {self.streams}")
         self.streams = tuple(s for s in STREAMS if s in self.streams)
         if isinstance(self.lora, dict):
+            known = {f.name for f in fields(LoraSettings)}
+            if set(self.lora) - known:
+                raise CheckpointError(f"unknown LoRA settings {sorted(set(self.lora) - known)} (known: {sorted(known)})")
             self.lora = LoraSettings(**self.lora)
-        if isinstance(self.recipe, dict):
-            self.recipe = Recipe.from_dict(self.recipe)
         projected = [s for s in self.streams if s != "spatial"]
         missing = [s for s in projected if s not in self.recipe.projectors]
         if missing:
@@ -181,7 +186,7 @@ class GeluMLP2(nn.Sequential):
         return self[2]
 
 
-SCORE_HEADS = {"relu-mlp5": ReluMLP5, "gelu-mlp2": GeluMLP2}
+SCORE_HEAD_CLASSES = {"relu-mlp5": ReluMLP5, "gelu-mlp2": GeluMLP2}  # recipe.SCORE_HEADS
 
 
 class FVQRater(nn.Module):
@@ -197,6 +202,7 @@ class FVQRater(nn.Module):
         self.config, self.backbone, self.tokenizer = config, backbone, tokenizer
         self.base_path = Path(base_path) if base_path else None
         self.trained_digest = None  # set by checkpoint loading: what the trained weights were before any merge
+        self.lora_merged = False
         if not self.has_lora:
             self.backbone.requires_grad_(False)
         recipe = config.recipe
@@ -208,7 +214,7 @@ class FVQRater(nn.Module):
                                          for s in config.streams if s != "spatial"})
         if "face" in config.streams:
             self.no_face = nn.Parameter(torch.zeros(width))
-        self.score_head = SCORE_HEADS[recipe.score_head](width)
+        self.score_head = SCORE_HEAD_CLASSES[recipe.score_head](width)
         # An untrained head answers mid-scale (50) rather than an arbitrary value far outside 0-100.
         nn.init.zeros_(self.score_head.output.weight)
         nn.init.constant_(self.score_head.output.bias, 0.5)
@@ -289,6 +295,7 @@ class FVQRater(nn.Module):
         if self.has_lora:
             with peft_quietly():
                 self.backbone = self.backbone.merge_and_unload()
+            self.lora_merged = True
 
     def trained_state_dict(self) -> dict:
         """Everything training changes: heads, projectors and LoRA weights (the base backbone stays frozen)."""
@@ -312,6 +319,8 @@ class FVQRater(nn.Module):
         stream_map = self.stream_map.to(embeds.device)
         for stream, values in tokens.items():
             slots = stream_map == 1 + STREAMS.index(stream)
+            if values.shape[0] != batch:
+                raise ValueError(f"{stream}: {values.shape[0]} videos where {next(iter(tokens))} has {batch}")
             if values.shape[1] != int(slots.sum()):
                 raise ValueError(f"{stream}: {values.shape[1]} tokens per video for {int(slots.sum())} prompt slots")
             positions = slots.expand(batch, -1).unsqueeze(-1)
@@ -361,6 +370,8 @@ class FVQRater(nn.Module):
                     part = self._project(stream, vit if self.config.recipe.portrait_input == "vit" else part)
                 tokens[stream] = part.reshape(batch, -1, part.shape[-1])
         if "face" in self.config.streams:
+            if tuple(face_mask.shape) != tuple(face_embeds.shape[:2]):
+                raise ValueError(f"face_mask {tuple(face_mask.shape)} does not match face_embeds {tuple(face_embeds.shape)}")
             projected = self._project("face", face_embeds)
             tokens["face"] = torch.where(face_mask.to(projected.device).bool().unsqueeze(-1), projected,
                                          self.no_face.to(projected.dtype))

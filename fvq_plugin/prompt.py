@@ -118,6 +118,15 @@ class Prompt:
         if len(set(level_ids)) != len(LEVELS):
             raise RecipeError(f"level words share a first token in this tokenizer: {dict(zip(LEVELS, level_ids))}")
         if not recipe.score_prompt:
+            if recipe.chat_template == "internlm2-chat":
+                # FineVQ reads hidden_states[:, -4] of the teacher-forced "... <level>.<|im_end|>": the token
+                # before the level word only while the level word, the answer's rest and <|im_end|> are 3 tokens.
+                lengths = {level: len(self._encode(recipe.answer.format(level=level) + IM_END)) - len(prefix)
+                           for level in LEVELS}
+                if set(lengths.values()) != {3}:
+                    raise RecipeError(f"recipe {recipe.name!r} reads the score at the token before the level word "
+                                      f"(FineVQ's index -4), which needs '<level>.{IM_END}' to be 3 tokens; this "
+                                      f"tokenizer gives {lengths}")
             return torch.tensor(level_ids), None
         lengths = {level: len(c) for level, c in zip(LEVELS, continuations)}
         if len(set(lengths.values())) != 1:

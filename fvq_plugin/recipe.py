@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +37,16 @@ SCORE_HEADS = ("relu-mlp5", "gelu-mlp2")
 FRAME_SAMPLINGS = ("internvl", "centres")
 TEMPORAL_PREPROCESSING = ("finevq", "kinetics")
 LEVEL_BINS = ("min-max", "fixed")
+
+
+FIELD_KINDS = {"system_message": "text or null", "score_prompt": "text or null", "release_temporal": "text or null",
+               "bos": "true/false", "wrap_slots": "true/false", "num_frames": "integer", "lora_scaling": "number",
+               "projectors": "{text: text}", "release_names": "{text: text}", "release_unused": "[text]",
+               "mos_range": "[min, max] or null"}  # every other field is text
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 class RecipeError(InputError):
@@ -75,7 +86,9 @@ class Recipe:
     mos_range: tuple | None = None  # (min, max) MOS of the training set, for min-max bins; set by training
 
     def __post_init__(self):
-        problems = []
+        problems = self._type_problems()
+        if problems:  # the checks below assume the types
+            raise RecipeError(f"recipe {self.name!r}: " + "; ".join(problems))
         for name, allowed in (("chat_template", CHAT_TEMPLATES), ("portrait_input", PORTRAIT_INPUTS),
                               ("score_head", SCORE_HEADS), ("frame_sampling", FRAME_SAMPLINGS),
                               ("temporal", TEMPORAL_PREPROCESSING), ("level_bins", LEVEL_BINS)):
@@ -88,11 +101,12 @@ class Recipe:
         for name in ("frame_text", "portrait_text", "face_text", "motion_text"):
             if getattr(self, name).count(SLOT) != 1:
                 problems.append(f"{name} must hold {SLOT} exactly once: {getattr(self, name)!r}")
-        if self.answer.count("{level}") != 1 or not self.answer.split("{level}")[0].endswith(" "):
-            problems.append(f"answer must hold ' {{level}}' (after a space) exactly once: {self.answer!r}")
+        placeholders = [name for _, name, _, _ in string.Formatter().parse(self.answer) if name is not None]
+        if placeholders != ["level"] or not self.answer.split("{level}")[0].endswith(" "):
+            problems.append(f"answer must hold ' {{level}}' (after a space) and no other placeholder: {self.answer!r}")
         object.__setattr__(self, "release_unused", tuple(self.release_unused))
-        if not isinstance(self.num_frames, int) or self.num_frames < 1:
-            problems.append(f"num_frames must be a positive integer, got {self.num_frames!r}")
+        if self.num_frames < 1:
+            problems.append(f"num_frames must be positive, got {self.num_frames}")
         if self.mos_range is not None:
             low, high = self.mos_range
             if not low < high:
@@ -100,6 +114,27 @@ class Recipe:
             object.__setattr__(self, "mos_range", (float(low), float(high)))
         if problems:
             raise RecipeError(f"recipe {self.name!r}: " + "; ".join(problems))
+
+    def _type_problems(self) -> list[str]:
+        """JSON recipe files are written by hand: "false" is not a bool, nor 8.0 a frame count."""
+        checks = {
+            "text": lambda v: isinstance(v, str),
+            "text or null": lambda v: v is None or isinstance(v, str),
+            "true/false": lambda v: isinstance(v, bool),
+            "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+            "number": _is_number,
+            "{text: text}": lambda v: isinstance(v, dict) and all(isinstance(x, str) for kv in v.items() for x in kv),
+            "[text]": lambda v: isinstance(v, (list, tuple)) and all(isinstance(x, str) for x in v),
+            "[min, max] or null": lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 2
+                                                          and all(map(_is_number, v))),
+        }
+        return [f"{f.name} must be {FIELD_KINDS.get(f.name, 'text')}, got {getattr(self, f.name)!r}"
+                for f in dataclasses.fields(self) if not checks[FIELD_KINDS.get(f.name, "text")](getattr(self, f.name))]
+
+    @property
+    def streams(self) -> tuple:
+        """Spatial frames and every stream the recipe states a projector for, in STREAMS order."""
+        return tuple(s for s in STREAMS if s == "spatial" or s in self.projectors)
 
     @property
     def answer_prefix(self) -> str:

@@ -234,11 +234,13 @@ class Scorer:
         """What a score depends on besides the video: the rater's configuration, base and trained
         weights (heads, projectors, LoRA), the feature settings and the code versions."""
         from . import __version__
-        from .checkpoint import trained_digest
+        from .checkpoint import base_identity, trained_digest
 
-        base = self.model.base_path.resolve() if self.model.base_path else None
-        described = {"model": self.model.config.to_dict(), "base": str(base),
-                     "trained": self.model.trained_digest or trained_digest(self.model),
+        # Nothing here depends on where the checkpoint lies: a moved checkpoint resumes its results file.
+        model = self.model
+        described = {"model": {k: v for k, v in model.config.to_dict().items() if k != "features"},
+                     "base": base_identity(model.base_path), "lora_merged": model.lora_merged,
+                     "trained": model.trained_digest or trained_digest(model),
                      "features": self.extractor.key_digest(), "fvq_plugin": __version__}
         return hashlib.blake2b(json.dumps(described, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 

@@ -18,6 +18,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from .recipe import FRAME_SAMPLINGS
+
 BACKENDS = ("pyav", "decord")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 # What `fvq-rater score FOLDER` picks up; any file FFmpeg decodes can still be named directly.
@@ -102,7 +104,8 @@ def uniform_indices(n_total: int, n: int) -> np.ndarray:
 def internvl_indices(n_total: int, n: int) -> np.ndarray:
     """InternVL's (and FineVQ's) get_index with no bound: int(seg/2 + round(seg*i)), seg = (n_total-1)/n.
 
-    np.round rounds half to even, as theirs does; the last frame is never picked.
+    np.round rounds half to even, as theirs does. The last frame is skipped unless the video has
+    fewer frames than samples.
     """
     if n_total < 1 or n < 1:
         raise ValueError(f"need n_total >= 1 and n >= 1, got n_total={n_total}, n={n}")
@@ -110,14 +113,15 @@ def internvl_indices(n_total: int, n: int) -> np.ndarray:
     return np.array([int(segment / 2 + np.round(segment * i)) for i in range(n)], dtype=np.int64)
 
 
-FRAME_SAMPLINGS = {"internvl": internvl_indices, "centres": uniform_indices}
+SAMPLERS = {"internvl": internvl_indices, "centres": uniform_indices}
+assert set(SAMPLERS) == set(FRAME_SAMPLINGS), "every recipe frame sampling needs its function here"
 
 
 def frame_indices(n_total: int, n: int, sampling: str = "centres") -> np.ndarray:
     """The `n` frame indices a recipe's frame sampling picks from `n_total` frames."""
-    if sampling not in FRAME_SAMPLINGS:
+    if sampling not in SAMPLERS:
         raise ValueError(f"unknown frame sampling {sampling!r}; expected one of {', '.join(FRAME_SAMPLINGS)}")
-    return FRAME_SAMPLINGS[sampling](n_total, n)
+    return SAMPLERS[sampling](n_total, n)
 
 
 def probe(path: str | os.PathLike, backend: str = "auto") -> VideoInfo:
@@ -170,7 +174,7 @@ def all_frames(path: str | os.PathLike, backend: str = "auto", max_frames: int =
         raise VideoReadError(path, too_many.format(info.n_frames))
     if info.backend == "image":
         frames = _read(path, backend, ((1, "centres"),))[2]
-        frames = np.stack([_stretch(f, size) for f in frames])
+        frames = np.stack([stretch(f, size) for f in frames])
         return Clip(frames, np.zeros(1, np.int64), info, repeated=False)
 
     def decode(reader):
@@ -179,7 +183,7 @@ def all_frames(path: str | os.PathLike, backend: str = "auto", max_frames: int =
             for frame in reader(p):
                 if len(out) == max_frames:
                     raise VideoReadError(p, too_many.format(f"over {max_frames}"))
-                out.append(_stretch(frame, size))
+                out.append(stretch(frame, size))
             if not out:
                 raise VideoReadError(p, "no video frames")
             return out
@@ -204,11 +208,12 @@ def all_frames(path: str | os.PathLike, backend: str = "auto", max_frames: int =
     return Clip(np.stack(frames), np.arange(n, dtype=np.int64), info, repeated=False)
 
 
-def _stretch(frame: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    """`frame` resized to size = (width, height) by PIL's default (bicubic) filter; None: as is."""
+def stretch(frame: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """`frame` resized to size = (width, height) by PIL's bicubic filter, without cropping (FineVQ's
+    `dynamic_preprocess(max_num=1)`: `Image.resize`); None: as is."""
     if size is None or (frame.shape[1], frame.shape[0]) == size:
         return frame
-    return np.asarray(Image.fromarray(frame).resize(size, Image.Resampling.BICUBIC))
+    return np.asarray(Image.fromarray(np.ascontiguousarray(frame)).resize(size, Image.Resampling.BICUBIC))
 
 
 def _iter_pyav(path):

@@ -145,6 +145,15 @@ def test_train_keeps_a_finished_run_and_says_when_stage_2_starts_from_scratch(de
     assert "without --init starts from scratch" in capsys.readouterr().err
 
 
+def test_recipe_flags_belong_to_new_raters_and_convert_needs_a_recipe(checkpoint, demo_set, tmp_path, capsys):
+    error = error_of(capsys, "train", "--data", str(demo_set), "--stage", "2", "--out", str(tmp_path / "run"),
+                     "--init", str(checkpoint), "--recipe", "finevq")
+    assert "--recipe" in error and "--init continues a rater with its own recipe" in error
+    with pytest.raises(SystemExit):
+        main(["convert", str(tmp_path), str(tmp_path / "out")])
+    assert "one of the arguments --recipe --recipe-file is required" in capsys.readouterr().err
+
+
 def test_train_on_a_local_internvl_backbone(demo_set, tmp_path, capsys):
     from transformers import InternVLForConditionalGeneration
 

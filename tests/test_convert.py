@@ -98,7 +98,7 @@ def chat_config(model, internlm2):
                "tie_word_embeddings": False, "attn_implementation": "eager"}
     else:
         llm = {**text.to_dict(), "architectures": ["Qwen2ForCausalLM"], "attn_implementation": "flash_attention_2"}
-    return {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": "internvl2_5",
+    return {"architectures": ["InternVLChatModel"], "model_type": "internvl_chat", "template": "internlm2-chat",
             "downsample_ratio": config.downsample_ratio, "force_image_size": vision.image_size[0],
             "select_layer": config.vision_feature_layer, "ps_version": "v2", "llm_config": llm,
             "vision_config": {"architectures": ["InternVisionModel"], "model_type": "intern_vit_6b",
@@ -217,7 +217,7 @@ def test_unknown_and_missing_keys_fail_strictly(tmp_path, qwen2_model, capsys):
     assert not (tmp_path / "converted").exists()
 
     maps = [f"{k}={v}" for k, v in HEAD_MAP.items()]
-    assert main_convert(src, tmp_path / "converted", maps, allow_unmatched=False) == 1
+    assert main_convert(src, tmp_path / "converted", maps, RECIPE) == 1
     assert "aux_head.weight" in capsys.readouterr().err
 
 
@@ -251,7 +251,7 @@ def test_internlm2_tokenizer_without_fast_file_is_explained(tmp_path, internlm2_
     src = write_release(tmp_path / "release", internlm2_model, internlm2=True)
     (src / "tokenizer.json").unlink()
     with pytest.raises(ConversionError, match="InternLM2Tokenizer.*trust_remote_code"):
-        convert_checkpoint(src, tmp_path / "converted", HEAD_MAP)
+        convert_checkpoint(src, tmp_path / "converted", HEAD_MAP, recipe=RECIPE)
 
 
 def test_qkv_splits_round_trip():

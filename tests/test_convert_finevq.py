@@ -169,12 +169,35 @@ def test_a_moved_checkpoint_loads_and_scores_identically(converted, tmp_path):
     moved = tmp_path / "elsewhere" / "fvq"
     shutil.copytree(out, moved)
     first, second = FVQRater.from_pretrained(out), FVQRater.from_pretrained(moved)
-    assert second.config.features["temporal_weights"] == str((moved / "temporal" / "slowfast_r50.safetensors").resolve())
+    assert second.config.features["temporal_weights"] == str(moved / "temporal" / "slowfast_r50.safetensors")
     generator = torch.Generator().manual_seed(9)
     batch = {"pixel_values": torch.randn(1, FRAMES, 3, *first.image_size, generator=generator),
              "temporal": torch.randn(1, 2304, generator=generator)}
     with torch.no_grad():
         assert torch.equal(first(**batch).score, second(**batch).score)
+
+
+def test_a_moved_checkpoint_resumes_its_results_file(converted, tmp_path):
+    import shutil
+
+    from fvq_plugin.scoring import Scorer
+
+    out, _ = converted
+    moved = tmp_path / "moved"
+    shutil.copytree(out, moved)
+    assert Scorer.from_pretrained(out).fingerprint == Scorer.from_pretrained(moved).fingerprint
+    assert Scorer.from_pretrained(out, merge_lora=False).fingerprint == Scorer.from_pretrained(out).fingerprint  # no LoRA
+
+
+def test_a_release_naming_another_template_is_refused(release, tmp_path):
+    import shutil
+
+    src = tmp_path / "release"
+    shutil.copytree(release["dir"], src)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "template": "Hermes-2"}))
+    with pytest.raises(ConversionError, match="names the conversation template 'Hermes-2'.*internlm2-chat"):
+        convert_checkpoint(src, tmp_path / "out", recipe=RECIPE)
 
 
 def test_a_config_path_cannot_leave_the_checkpoint(converted, tmp_path):

@@ -105,6 +105,8 @@ def test_save_and_load_give_identical_scores(tmp_path, extractor):
     merged = FVQRater.from_pretrained(tmp_path / "ckpt")
     assert not merged.has_lora and merged.trained_digest == loaded.trained_digest
     assert [r["score"] for r in merged.predict(**batch)] == pytest.approx([r["score"] for r in expected], abs=1e-3)
+    with pytest.raises(CheckpointError, match="merged into its backbone.*merge_lora=False"):
+        merged.save_pretrained(tmp_path / "lost")
     # Saving the loaded model refers to the base it came from instead of copying it.
     loaded.save_pretrained(tmp_path / "again")
     assert not (tmp_path / "again" / "backbone").exists()

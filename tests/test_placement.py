@@ -62,6 +62,10 @@ def test_pyiqa_loads_on_the_metrics_device_in_bfloat16_on_a_gpu(saved, monkeypat
     with pytest.raises((RuntimeError, AssertionError)):  # pyiqa's .to(device) right after building the network
         arch.to("cuda")  # no GPU here: moving the stub fails, after the load was asked for
     assert loads[-1]["device"] == torch.device("cuda") and loads[-1]["dtype"] == torch.bfloat16
+    # With a device_map nothing moves the dispatched backbone, not even a parent module's .to().
+    dispatched = adapter.FVQRaterArch(pretrained_model_path=str(saved), device_map="auto")
+    torch.nn.Sequential(dispatched).to(torch.float64)
+    assert loads[-1]["device_map"] == "auto" and dispatched.rater.weight.dtype == torch.float32
     with pytest.raises(TypeError, match="unknown options \\['colour'\\]"):
         adapter.FVQRaterArch(pretrained_model_path=str(saved), colour="red")
     assert metric.net.scorer is not None

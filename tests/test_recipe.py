@@ -34,6 +34,28 @@ def test_recipes_round_trip_and_refuse_unknown_or_missing_fields(tmp_path):
         load_recipe(path=path)
 
 
+def test_hand_written_recipe_values_have_their_types_checked():
+    for changes, message in ((dict(bos="false"), "bos must be true/false"), (dict(num_frames=8.0), "num_frames must be"),
+                             (dict(mos_range=[1]), "mos_range must be"), (dict(projectors=["temporal"]), "projectors"),
+                             (dict(answer="The {x} is {level}."), "no other placeholder")):
+        with pytest.raises(RecipeError, match=message):
+            FVQ.replace(**changes)
+
+
+def test_a_recipe_states_its_streams_and_the_rater_follows_them(extractor):
+    assert FINEVQ.streams == ("spatial", "temporal") and FVQ.streams == ("spatial", "portrait", "face", "temporal")
+    model = tiny_rater(extractor, recipe=FINEVQ)
+    assert model.config.streams == ("spatial", "temporal") and set(model.projectors) == {"temporal"}
+
+
+def test_unknown_feature_settings_are_an_error():
+    from fvq_plugin.errors import InputError
+    from fvq_plugin.features import FeatureConfig
+
+    with pytest.raises(InputError, match=r"unknown feature settings \['face_modles'\]"):
+        FeatureConfig.from_dict({"face_modles": "/models"})
+
+
 def test_derived_recipes_say_what_changed():
     assert FVQ.derive(num_frames=8) is FVQ
     assert FVQ.derive(num_frames=4, temporal="kinetics").name == "fvq[num_frames=4,temporal=kinetics]"
@@ -168,3 +190,14 @@ def test_projector_and_head_structures_follow_the_recipe(extractor):
     assert other.projectors["portrait"][0].in_features == 64 and other.score_head.output.out_features == 1
     with torch.no_grad():
         assert other(**random_batch(other)).score.shape == (2,)
+
+
+def test_streams_of_different_batch_sizes_are_refused(trained_like):
+    batch = random_batch(trained_like, batch=2)
+    batch["temporal"] = torch.cat([batch["temporal"], batch["temporal"][:1]])
+    with pytest.raises(ValueError, match="temporal: 3 videos where spatial has 2"):
+        trained_like(**batch)
+    batch = random_batch(trained_like, batch=2)
+    batch["face_mask"] = batch["face_mask"][:1]
+    with pytest.raises(ValueError, match="face_mask \\(1, 4\\) does not match"):
+        trained_like(**batch)

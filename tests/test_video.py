@@ -12,6 +12,7 @@ from fvq_plugin.video import (
     probe,
     sample_and_dense,
     sample_frames,
+    frame_indices,
     uniform_indices,
     write_video,
 )
@@ -51,6 +52,15 @@ def video(tmp_path_factory):
         keyframes = sum(packet.is_keyframe for packet in container.demux(video=0))
     assert 1 < keyframes < N_FRAMES // 4, "the sparse reader should both seek and decode forward"
     return path
+
+
+def test_internvl_sampling_is_internvls_get_index():
+    # InternVL / FineVQ get_index(bound=None): int(seg/2 + np.round(seg*i)), seg = (n-1)/8, round half to even
+    assert frame_indices(300, 8, "internvl").tolist() == [18, 55, 93, 130, 168, 205, 242, 280]
+    assert frame_indices(3, 8, "internvl").tolist() == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert frame_indices(300, 8, "centres").tolist() == uniform_indices(300, 8).tolist()
+    with pytest.raises(ValueError, match="unknown frame sampling 'random'"):
+        frame_indices(10, 2, "random")
 
 
 def test_uniform_indices():

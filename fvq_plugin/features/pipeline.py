@@ -51,7 +51,10 @@ class FeatureConfig:
     @classmethod
     def from_dict(cls, data: dict) -> "FeatureConfig":
         known = {f.name for f in fields(cls)}
-        return cls(**{k: (tuple(v) if k == "streams" else v) for k, v in data.items() if k in known})
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise InputError(f"unknown feature settings {unknown} (known: {sorted(known)})")
+        return cls(**{k: (tuple(v) if k == "streams" else v) for k, v in data.items()})
 
     def to_dict(self) -> dict:
         return asdict(self)

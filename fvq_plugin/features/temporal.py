@@ -39,7 +39,9 @@ from torch import nn
 
 from ..common import file_digest
 from ..errors import InputError
-from ..video import internvl_indices
+from ..recipe import TEMPORAL_PREPROCESSING
+from ..video import internvl_indices, stretch
+from .spatial import IMAGENET_MEAN, IMAGENET_STD  # FineVQ's too: internvl/train/constants.py
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +57,6 @@ __all__ = [
 
 KINETICS_MEAN = (0.45, 0.45, 0.45)
 KINETICS_STD = (0.225, 0.225, 0.225)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # FineVQ: internvl/train/constants.py
-IMAGENET_STD = (0.229, 0.224, 0.225)
-PREPROCESS_MODES = ("kinetics", "finevq")
 FINEVQ_SIZE = 448
 FINEVQ_MIN_FRAMES = 32
 RANDOM_WARNING = (
@@ -238,17 +237,6 @@ def finevq_slow_indices(t: int, alpha: int = 4) -> torch.Tensor:
     return torch.linspace(0, t - 1, t // alpha, dtype=torch.float32, device="cpu").long()
 
 
-def _stretch_bicubic(frame: np.ndarray, size: int) -> np.ndarray:
-    """FineVQ's ``dynamic_preprocess(max_num=1)``: ``Image.resize((size, size))`` (default bicubic),
-    no crop. Its later ``T.Resize((size, size), BICUBIC)`` returns a size x size image untouched."""
-    if frame.shape[:2] == (size, size):
-        return frame
-    from PIL import Image
-
-    image = Image.fromarray(np.ascontiguousarray(frame))
-    return np.asarray(image.resize((size, size), Image.Resampling.BICUBIC))
-
-
 def preprocess_clip_finevq(clip: np.ndarray, size: int = FINEVQ_SIZE) -> torch.Tensor:
     """uint8 [T, H, W, 3] RGB (all frames of a video) -> float32 [3, T', size, size], FineVQ's way.
 
@@ -261,7 +249,8 @@ def preprocess_clip_finevq(clip: np.ndarray, size: int = FINEVQ_SIZE) -> torch.T
     clip = _uint8_clip(clip)
     idx = finevq_frame_indices(clip.shape[0])
     unique, inverse = np.unique(idx, return_inverse=True)
-    frames = np.stack([_stretch_bicubic(clip[i], size) for i in unique])[inverse]
+    # FineVQ's later T.Resize((size, size), BICUBIC) returns a size x size image untouched.
+    frames = np.stack([stretch(clip[i], (size, size)) for i in unique])[inverse]
     x = torch.from_numpy(frames).permute(3, 0, 1, 2).contiguous()  # [3, T', S, S] uint8
     x = x.float().div_(255.0)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
@@ -294,9 +283,9 @@ class TemporalFeatures:
         seed: int = 0,
         preprocess: str = "kinetics",
     ):
-        if preprocess not in PREPROCESS_MODES:
+        if preprocess not in TEMPORAL_PREPROCESSING:
             raise InputError(
-                f"unknown temporal preprocess {preprocess!r}; valid: {', '.join(PREPROCESS_MODES)}"
+                f"unknown temporal preprocess {preprocess!r}; valid: {', '.join(TEMPORAL_PREPROCESSING)}"
             )
         self.mode = preprocess
         if preprocess == "finevq":

@@ -72,11 +72,15 @@ class FVQRaterArch(nn.Module):
         self.scorer = None
 
     def to(self, *args, **kwargs):
-        device = torch._C._nn._parse_to(*args, **kwargs)[0]
         if self.scorer is None:
-            self._load(device or torch.device("cpu"))
-        # A dispatched backbone stays where accelerate placed it.
-        return self if self.options["device_map"] is not None else super().to(*args, **kwargs)
+            self._load(torch._C._nn._parse_to(*args, **kwargs)[0] or torch.device("cpu"))
+        return super().to(*args, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        """Every move (.to, .cuda, a parent module's .to) comes here: a dispatched backbone stays put."""
+        if self.scorer is None:
+            self._load(torch.device("cpu"))
+        return self if self.options["device_map"] is not None else super()._apply(fn, recurse)
 
     def _load(self, device: torch.device) -> None:
         from ..scoring import Scorer
