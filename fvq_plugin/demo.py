@@ -13,11 +13,14 @@ from pathlib import Path
 
 from .demo_data import DEFAULT_VIDEOS
 from .features import FeatureConfig, FeatureExtractor
+from .recipe import FVQ
 
 # Small enough for 2 CPU cores in minutes; everything else is the production code path.
-DEMO_FEATURES = FeatureConfig(image_size=64, face_backend="yunet-sface", temporal_random=True, temporal_preprocess="kinetics",
-                              temporal_size=64,
-                              temporal_frames=16)
+DEMO_FEATURES = FeatureConfig(image_size=64, face_backend="yunet-sface", temporal_random=True,
+                              temporal_preprocess="kinetics", temporal_size=64, temporal_frames=16)
+# The demo's MOS are absolute (a documented function of the degradations' severity on 0-100), so its five
+# levels are the fixed 20-point bins rather than FineVQ's bins between the training set's min and max.
+DEMO_RECIPE = FVQ.derive(level_bins="fixed")
 
 
 @dataclass
@@ -62,7 +65,7 @@ def run_demo(workdir, settings: DemoSettings | None = None, progress: bool = Tru
     val_set = split_features(data_dir, "val", extractor, cache_dir, progress=progress)
     timings = {"data_and_features_s": time.perf_counter() - started}
 
-    model = tiny_rater(extractor, settings.seed)
+    model = tiny_rater(extractor, settings.seed, recipe=DEMO_RECIPE)
     spatial = extractor.preparer.spatial
     # Stage II goes on training the stage-I model in memory (LoRA, projectors), adding the head.
     for stage, epochs in ((1, settings.stage1_epochs), (2, settings.stage2_epochs)):
