@@ -166,17 +166,18 @@ def test_train_on_a_local_internvl_backbone(demo_set, tmp_path, capsys):
     capsys.readouterr()
     assert "--temporal-random" in error_of(capsys, "train", "--data", str(demo_set), "--stage", "1", "--out",
                                            str(tmp_path / "refused"), "--backbone", str(backbone))
-    # A recipe file: fvq's conventions with the cheap Kinetics SlowFast clip instead of every frame at 448.
+    # A recipe file: fvq's conventions without the motion stream (no SlowFast to run in a test).
     from fvq_plugin.recipe import FVQ
 
     recipe = tmp_path / "recipe.json"
-    recipe.write_text(json.dumps(FVQ.replace(name="fvq-kinetics", temporal="kinetics").to_dict()))
+    recipe.write_text(json.dumps(FVQ.replace(name="fvq-still", projectors={"portrait": "ln-mlp", "face": "ln-mlp"})
+                                 .to_dict()))
     assert main(["train", "--data", str(demo_set), "--stage", "1", "--out", str(tmp_path / "run"), "--backbone",
-                 str(backbone), "--temporal-random", "--epochs", "1", "--frames", "4", "--recipe-file", str(recipe)]) == 0
+                 str(backbone), "--epochs", "1", "--frames", "4", "--recipe-file", str(recipe)]) == 0
     config = json.loads((tmp_path / "run" / "best" / "fvq_rater.json").read_text())
     assert config["features"]["image_size"] == 32 and config["backbone"] == str(backbone.resolve())
-    assert config["recipe"]["name"] == "fvq-kinetics[num_frames=4]" and config["recipe"]["temporal"] == "kinetics"
-    assert config["features"]["temporal_preprocess"] == "kinetics" and config["recipe"]["mos_range"][0] >= 0
+    assert config["recipe"]["name"] == "fvq-still[num_frames=4]" and config["streams"] == ["spatial", "portrait", "face"]
+    assert config["features"]["streams"] == config["streams"] and config["recipe"]["mos_range"][0] >= 0
 
 
 def test_only_input_errors_become_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys, tmp_path):
