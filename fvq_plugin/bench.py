@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .common import write_atomically
 from .errors import InputError
 
 
@@ -175,4 +176,4 @@ def format_model(result: dict) -> str:
 
 
 def save(result: dict, path) -> None:
-    Path(path).write_text(json.dumps(result, indent=2, default=str))
+    write_atomically(path, json.dumps(result, indent=2, default=str))

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from .common import WEIGHTS_ENV
+from .common import WEIGHTS_ENV, write_atomically
 from .errors import InputError
 from .model import CheckpointError, FVQRater, FVQRaterConfig, peft_quietly
 
@@ -131,16 +131,10 @@ def save_rater(model: FVQRater, directory, copy_backbone: bool | None = None) ->
     config = model.config.to_dict()
     config["features"] = {k: (_relative_if_inside(v, directory) if k in PATH_FEATURES and v else v)
                           for k, v in config["features"].items()}
-    _write_atomically(directory / CONFIG_FILE, json.dumps({"format": FORMAT_VERSION, "backbone": backbone_ref,
-                                                           **config}, indent=2, ensure_ascii=False))
+    # The config last and whole: a folder whose config reads is a complete checkpoint.
+    write_atomically(directory / CONFIG_FILE, json.dumps({"format": FORMAT_VERSION, "backbone": backbone_ref,
+                                                          **config}, indent=2, ensure_ascii=False))
     return directory
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """The config is written last and whole: a folder whose config reads is a complete checkpoint."""
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(text, encoding="utf-8")
-    os.replace(partial, path)
 
 
 def _save_base(model: FVQRater, target: Path) -> None:

@@ -13,6 +13,14 @@ DATA_ROOT_ENV = "FVQ20K_ROOT"            # the FVQ-20K root the lmms-eval tasks 
 DISCOVERY_ENV = "FVQ_PLUGIN_DISCOVERY"   # 0 turns off the import hook that registers the plugin
 
 
+def write_atomically(path: str | os.PathLike, text: str) -> None:
+    """`path` holds the old text or the new, never a cut-off one: written beside, then renamed over it."""
+    partial = f"{os.fspath(path)}.partial"
+    with open(partial, "w", encoding="utf-8", newline="") as file:
+        file.write(text)
+    os.replace(partial, path)
+
+
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     """Hex digest of a file's bytes, read in chunks (model files can be gigabytes)."""
     with open(path, "rb") as file:

@@ -55,7 +55,9 @@ meaningless. Every written checkpoint keeps its report in DST/conversion_report.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -191,12 +193,14 @@ def convert_checkpoint(src, dst, head_map: dict[str, str] | None = None, allow_u
     temporal = export_temporal_weights(source, recipe.release_temporal, report)
     backbone, heads, origin = map_weights(source, vlm_config.text_config, llm_kind,
                                           {**recipe.release_names, **(head_map or {})}, report)
-    config = _rater_config(recipe, heads, vlm_config, str(dst / TEMPORAL_FILE) if temporal else None)
+    # Written whole into DST.partial, then renamed: a killed conversion never leaves a DST that looks complete.
+    staging = dst.with_name(dst.name + ".partial")
+    config = _rater_config(recipe, heads, vlm_config, str(staging / TEMPORAL_FILE) if temporal else None)
     # Built on the meta device: the target's names and shapes at no cost; the source tensors are
     # then assigned, so an 8B backbone is never allocated twice.
     with torch.device("meta"):
         vlm = InternVLForConditionalGeneration(vlm_config)
-    rater = FVQRater(config, vlm, tokenizer, base_path=dst / BACKBONE_DIR)
+    rater = FVQRater(config, vlm, tokenizer, base_path=staging / BACKBONE_DIR)
     expected = vlm.state_dict()
     if vlm_config.tie_word_embeddings:
         # Tied releases may or may not store lm_head; tie_weights() makes it the embedding either way.
@@ -223,13 +227,17 @@ def convert_checkpoint(src, dst, head_map: dict[str, str] | None = None, allow_u
     vlm.load_state_dict(backbone, strict=False, assign=True)
     vlm.tie_weights()
     rater.load_state_dict(heads, strict=False)  # heads only: the backbone keys are left as assigned
-    vlm.save_pretrained(dst / BACKBONE_DIR)
-    save_tokenizer(tokenizer, dst / BACKBONE_DIR)
+    shutil.rmtree(staging, ignore_errors=True)
+    vlm.save_pretrained(staging / BACKBONE_DIR)
+    save_tokenizer(tokenizer, staging / BACKBONE_DIR)
     if temporal:
-        (dst / TEMPORAL_FILE).parent.mkdir()
-        save_file(temporal, dst / TEMPORAL_FILE)
-    rater.save_pretrained(dst, copy_backbone=True)  # heads and config; the backbone is already in place
-    (dst / REPORT_FILE).write_text(str(report) + "\n")
+        (staging / TEMPORAL_FILE).parent.mkdir()
+        save_file(temporal, staging / TEMPORAL_FILE)
+    rater.save_pretrained(staging, copy_backbone=True)  # heads and config; the backbone is already in place
+    (staging / REPORT_FILE).write_text(str(report) + "\n")
+    if dst.exists():
+        dst.rmdir()  # empty, checked above
+    os.replace(staging, dst)
     return report
 
 

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .common import file_digest
+from .common import file_digest, write_atomically
 from .errors import InputError
 from .features import FeatureExtractor, model_inputs
 from .video import VideoReadError
@@ -325,8 +325,10 @@ CSV_FIELDS = ("path", "score", "level", "mos", "error")
 def write_csv(results: list[dict], path) -> None:
     """One row per video: path, score, level, MOS (when known) and the error of a failed video."""
     import csv
+    import io
 
-    with open(path, "w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(results)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(results)
+    write_atomically(path, text.getvalue())

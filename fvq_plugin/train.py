@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from .model import LEVELS, FVQRater, level_index
 log = logging.getLogger(__name__)
 STATE_DIR = "training_state"
 PROGRESS_FILE = "progress.json"
+PARTIAL, OLD = ".partial", ".old"  # suffixes of checkpoint folders being replaced
 
 
 @dataclass
@@ -131,6 +134,9 @@ def train(model: FVQRater, spatial, train_set: tuple[list[dict], list[float]],
     prepared_model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
 
     history, start_epoch, best = [], 0, -math.inf
+    if accelerator.is_main_process:
+        _recover(output_dir)
+    accelerator.wait_for_everyone()
     if resume and (output_dir / "last" / STATE_DIR).is_dir():
         accelerator.load_state(output_dir / "last" / STATE_DIR)
         saved = json.loads((output_dir / "last" / PROGRESS_FILE).read_text())
@@ -196,11 +202,41 @@ def _expected_level_score(level_logits: torch.Tensor, bounds: tuple[float, float
 
 
 def _checkpoint(accelerator, model, output_dir: Path, epoch: int, history: list, best: float, improved: bool):
-    targets = ["last"] + (["best"] if improved else [])
-    for name in targets:
-        directory = output_dir / name
-        if accelerator.is_main_process:
-            model.save_pretrained(directory)
-            (directory / PROGRESS_FILE).write_text(json.dumps({"epoch": epoch, "history": history, "best_srcc": best}))
-        accelerator.wait_for_everyone()
-    accelerator.save_state(output_dir / "last" / STATE_DIR)
+    """last/ (and best/ when improved) replaced whole: written beside as NAME.partial, then renamed into
+    place, so a run killed at any moment leaves the previous complete checkpoint or the new one, never a
+    mix (new weights beside an old training state would resume from the wrong epoch)."""
+    partial = output_dir / f"last{PARTIAL}"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+        model.save_pretrained(partial)
+        (partial / PROGRESS_FILE).write_text(json.dumps({"epoch": epoch, "history": history, "best_srcc": best}))
+    accelerator.wait_for_everyone()
+    accelerator.save_state(partial / STATE_DIR)  # every process writes its own RNG state
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if improved:
+            best_partial = output_dir / f"best{PARTIAL}"
+            shutil.rmtree(best_partial, ignore_errors=True)
+            shutil.copytree(partial, best_partial, ignore=shutil.ignore_patterns(STATE_DIR))
+            _move_into_place(best_partial, output_dir / "best")
+        _move_into_place(partial, output_dir / "last")
+    accelerator.wait_for_everyone()
+
+
+def _move_into_place(new: Path, target: Path) -> None:
+    old = target.with_name(target.name + OLD)
+    shutil.rmtree(old, ignore_errors=True)
+    if target.exists():
+        os.replace(target, old)
+    os.replace(new, target)  # between the two renames only NAME.old exists: _recover puts it back
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _recover(output_dir: Path) -> None:
+    """Undo what a killed _checkpoint left: a half-written NAME.partial, or NAME.old not yet replaced."""
+    for name in ("last", "best"):
+        target, old = output_dir / name, output_dir / (name + OLD)
+        if old.exists() and not target.exists():
+            os.replace(old, target)
+        shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(output_dir / (name + PARTIAL), ignore_errors=True)

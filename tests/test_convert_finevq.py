@@ -244,3 +244,16 @@ def test_cli_converts_with_recipe_finevq_and_scores_as_finevq_computes(release, 
     with torch.no_grad():
         reference = reference_score(release["state"], scorer.model, batch)
     assert scored == pytest.approx(min(reference.item(), 100.0), abs=1e-3)
+
+
+def test_an_interrupted_conversion_leaves_no_checkpoint_that_looks_complete(release, tmp_path, monkeypatch):
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(FVQRater, "save_pretrained", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            convert_checkpoint(release["dir"], tmp_path / "out", recipe=RECIPE)
+    assert not (tmp_path / "out").exists() and (tmp_path / "out.partial" / "backbone").is_dir()
+    assert convert_checkpoint(release["dir"], tmp_path / "out", recipe=RECIPE).clean  # the leftover is replaced
+    assert not (tmp_path / "out.partial").exists() and FVQRater.from_pretrained(tmp_path / "out").config.streams

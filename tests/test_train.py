@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -82,6 +83,31 @@ def test_resuming_an_interrupted_run_gives_identical_results(tmp_path, extractor
     expected, actual = trained_state(whole), trained_state(resumed)
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def test_a_training_run_killed_while_checkpointing_resumes_to_the_uninterrupted_results(tmp_path, demo_set,
+                                                                                      feature_cache, checkpoint):
+    # `checkpoint` has filled the feature cache. The kill comes after epoch 2's weights and progress are
+    # written and before its training state is: resuming from that mix would skip epoch 2.
+    script = Path(__file__).with_name("killed_train.py")
+
+    def run(out, mode):
+        return subprocess.run([sys.executable, str(script), str(demo_set), str(feature_cache), str(out), mode],
+                              capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    assert run(tmp_path / "whole", "whole").returncode == 0
+    killed = run(tmp_path / "cut", "kill-at-save-2")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert (tmp_path / "cut" / "last.partial").is_dir()  # the interrupted write, beside the intact last/
+    assert json.loads((tmp_path / "cut" / "last" / training.PROGRESS_FILE).read_text())["epoch"] == 0
+    resumed = run(tmp_path / "cut", "resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    histories = [json.loads((tmp_path / name / "history.json").read_text()) for name in ("whole", "cut")]
+    assert [h[0] for h in histories[1]] == [1, 2, 3] and histories[0] == histories[1]
+    expected, actual = (FVQRater.from_pretrained(tmp_path / name / "last", merge_lora=False).trained_state_dict()
+                        for name in ("whole", "cut"))
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert not list((tmp_path / "cut").glob("*.partial")) and not list((tmp_path / "cut").glob("*.old"))
 
 
 def free_port():
