@@ -145,10 +145,12 @@ def _save_base(model: FVQRater, target: Path) -> None:
     from transformers import InternVLForConditionalGeneration
 
     # peft injected LoRA layers in place; rebuild the plain base model from its weights so the
-    # saved backbone loads with any InternVL code, ours or not.
+    # saved backbone loads with any InternVL code, ours or not. Built on the meta device and given the
+    # weights: no copy in memory, and no draw from the RNG, so saving never changes how training goes on.
     state = {k.replace(".base_layer.", "."): v for k, v in model.vlm.state_dict().items() if "lora_" not in k}
-    base = InternVLForConditionalGeneration(model.vlm.config)
-    base.load_state_dict(state, strict=True)
+    with torch.device("meta"):
+        base = InternVLForConditionalGeneration(model.vlm.config)
+    base.load_state_dict(state, strict=True, assign=True)
     base.save_pretrained(target)
     model.tokenizer.save_pretrained(target)
 

@@ -187,3 +187,13 @@ def test_pickle_based_weights_are_refused_before_anything_is_unpickled(tmp_path,
     monkeypatch.setattr(torch_module, "load", lambda *a, **k: pytest.fail("a pickle was loaded"))
     with pytest.raises(CheckpointError, match="pickle-based weights \\(adapter_model.bin\\).*safetensors only"):
         FVQRater.from_pretrained(tmp_path / "ckpt")
+
+
+def test_saving_draws_nothing_from_the_rng(tmp_path, extractor):
+    """Training saves checkpoints between epochs: a save must not change the dropout draws that follow."""
+    model = tiny_rater(extractor)
+    torch.manual_seed(0)
+    model.save_pretrained(tmp_path / "ckpt")
+    after_save = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after_save, torch.rand(3))
