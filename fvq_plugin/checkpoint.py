@@ -120,10 +120,10 @@ def save_rater(model: FVQRater, directory, copy_backbone: bool | None = None) ->
                               "adapter; load it with merge_lora=False (or trainable=True) to save it")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    if model.base_path is None or copy_backbone:
+    copies_base = model.base_path is None or copy_backbone
+    if copies_base:
         _save_base(model, directory / BACKBONE_DIR)
-    backbone_ref = _relative_if_inside(directory / BACKBONE_DIR if model.base_path is None or copy_backbone
-                                       else model.base_path, directory)
+    backbone_ref = _relative_if_inside(directory / BACKBONE_DIR if copies_base else model.base_path, directory)
     shutil.rmtree(directory / ADAPTER_DIR, ignore_errors=True)  # never leave an earlier save's adapter behind
     if model.has_lora:
         model.backbone.save_pretrained(directory / ADAPTER_DIR)

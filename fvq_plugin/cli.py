@@ -323,7 +323,8 @@ def _add_runtime_args(parser, weights=True):
     if weights:
         parser.add_argument("--weights", help=f"FVQ-Rater checkpoint folder (default: env {WEIGHTS_ENV})")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",  # model.DTYPES
+    # checkpoint.DTYPES, written out so that --help imports no torch
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
                         help="backbone weights dtype")
     parser.add_argument("--device-map", help="e.g. auto: shard the backbone over the visible GPUs")
     parser.add_argument("--attn", choices=ATTENTION, help="attention implementation (default: the model's own)")

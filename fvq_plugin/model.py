@@ -333,8 +333,8 @@ class FVQRater(nn.Module):
             score_hidden = hidden
         elif levels is not None:
             # Teacher-forced: prompt and "<level>. The score is" in one pass.
-            continuation = embed(self.continuation_ids.to(embed.weight.device)[levels.to(embed.weight.device)])
-            states = language_model(inputs_embeds=torch.cat([embeds, continuation.to(embeds.dtype)], 1),
+            continuation = self._continuation_embeds(levels, embeds.dtype)
+            states = language_model(inputs_embeds=torch.cat([embeds, continuation], 1),
                                     use_cache=False).last_hidden_state
             level_logits = vlm.lm_head(states[:, embeds.shape[1] - 1])
             score_hidden = states[:, -1]
@@ -345,12 +345,17 @@ class FVQRater(nn.Module):
             prefill = language_model(inputs_embeds=embeds, use_cache=True, **cache)
             level_logits = vlm.lm_head(prefill.last_hidden_state[:, -1])
             chosen = level_logits[:, self.level_ids.to(level_logits.device)].argmax(-1)
-            continuation = embed(self.continuation_ids.to(embed.weight.device)[chosen.to(embed.weight.device)])
-            score_hidden = language_model(inputs_embeds=continuation.to(embeds.dtype), use_cache=True,
-                                          **cache).last_hidden_state[:, -1]
+            score_hidden = language_model(inputs_embeds=self._continuation_embeds(chosen, embeds.dtype),
+                                          use_cache=True, **cache).last_hidden_state[:, -1]
         head = self.score_head.output.weight
         score = self.score_head(score_hidden.to(head.device, head.dtype)).squeeze(-1) * 100
         return FVQRaterOutput(level_logits, level_logits[:, self.level_ids.to(level_logits.device)], score)
+
+    def _continuation_embeds(self, levels: torch.Tensor, dtype) -> torch.Tensor:
+        """Embeddings of "<level>. The score is" for each video's level index."""
+        embed = self.vlm.get_input_embeddings()
+        device = embed.weight.device
+        return embed(self.continuation_ids.to(device)[levels.to(device)]).to(dtype)
 
     def _stream_tokens(self, pixel_values, portrait_values, face_embeds, face_mask, temporal) -> dict:
         """Each configured stream's token embeddings, [B, tokens, width], in prompt order."""
