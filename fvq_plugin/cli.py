@@ -120,8 +120,9 @@ def _score(args) -> int:
         print(json.dumps(results, indent=2))
     else:
         for result in results:
+            flags = f"[{', '.join(result['flags'])}]  " if result.get("flags") else ""
             shown = f"{result['score']:6.2f}  {result['level']:<9}" if "score" in result else f"error: {result['error']}"
-            print(f"{shown}  {result['path']}")
+            print(f"{shown}  {flags}{result['path']}")  # the path last, as sha256sum and du print it
     summary = f"{len(results) - len(failed)} scored, {len(failed)} failed"
     summary += f", {resumed} resumed from {args.output}" if resumed else ""
     print(summary, file=sys.stderr if args.json else sys.stdout)
@@ -462,6 +463,10 @@ def main(argv=None) -> int:
     from .errors import InputError
     from .video import VideoReadError
 
+    for stream in (sys.stdout, sys.stderr):
+        # A file name that is not UTF-8 is printed with \x escapes instead of ending the run.
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     try:
         _check_runtime(args)
         return args.run(args)

@@ -16,7 +16,8 @@ DISCOVERY_ENV = "FVQ_PLUGIN_DISCOVERY"   # 0 turns off the import hook that regi
 def write_atomically(path: str | os.PathLike, text: str) -> None:
     """`path` holds the old text or the new, never a cut-off one: written beside, then renamed over it."""
     partial = f"{os.fspath(path)}.partial"
-    with open(partial, "w", encoding="utf-8", newline="") as file:
+    # surrogateescape: a file name that is not UTF-8 (held as surrogates) is written back as its own bytes
+    with open(partial, "w", encoding="utf-8", errors="surrogateescape", newline="") as file:
         file.write(text)
     os.replace(partial, path)
 

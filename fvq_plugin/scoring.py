@@ -26,8 +26,8 @@ from tqdm.auto import tqdm
 
 from .common import file_digest, write_atomically
 from .errors import InputError
-from .features import FeatureExtractor, model_inputs
-from .video import VideoReadError
+from .features import FeatureExtractor, model_inputs, video_flags
+from .video import VideoReadError, check_file
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,9 @@ class _PreparedVideos(Dataset):
     def __getitem__(self, index):
         path = self.paths[index]
         try:
-            key = FeatureCache.content_key(path)
+            key = FeatureCache.content_key(check_file(path))
+        except VideoReadError as error:
+            return Extracted(path, None, error.reason)
         except OSError as error:
             return Extracted(path, None, f"cannot read file: {error.strerror or error}")
         cached = self.cache.load(key) if self.cache else None
@@ -185,8 +187,10 @@ class Scorer:
 
     @torch.no_grad()
     def score_features(self, features: list[dict]) -> list[dict]:
+        """The rater's predictions, each with the video's `info` and `flags` (see features.video_flags)."""
         batch = model_inputs(features, self.extractor.preparer.spatial, self.device, self.model.vision_dtype)
-        return self.model.predict(**batch)
+        return [{**prediction, "flags": video_flags(f["info"]), "info": f["info"]}
+                for prediction, f in zip(self.model.predict(**batch), features)]
 
     def score_frames(self, videos) -> list[dict]:
         """In-memory videos, each uint8 frames [T,H,W,3] (an image is T=1), scored in one batch."""
@@ -194,7 +198,7 @@ class Scorer:
         return self.score_features(self.extractor.finish(prepared))
 
     def score(self, paths, output=None, progress: bool = True, on_batch=None) -> list[dict]:
-        """One result per path: {path, score, level, text, ...} or {path, error}.
+        """One result per path: {path, score, level, text, flags, info, ...} or {path, error}.
 
         With `output` (a .jsonl file), results are appended as they come and paths already in
         the file are not scored again, so an interrupted run resumes where it stopped.
@@ -214,8 +218,8 @@ class Scorer:
                 good = [item for item in items if item.features is not None]
                 predictions = iter(self.score_features([item.features for item in good]) if good else [])
                 for item in items:
-                    result = ({"path": item.path, **next(predictions), "info": item.features["info"]}
-                              if item.features is not None else {"path": item.path, "error": item.error})
+                    result = ({"path": item.path, **next(predictions)} if item.features is not None
+                              else {"path": item.path, "error": item.error})
                     result.update(content=item.content, scorer=self.fingerprint)
                     done[item.path] = result
                     if sink:
@@ -319,16 +323,16 @@ def evaluate(scorer: Scorer, root, split: str = "test", output=None, progress: b
     return report, results
 
 
-CSV_FIELDS = ("path", "score", "level", "mos", "error")
+CSV_FIELDS = ("path", "score", "level", "flags", "mos", "error")
 
 
 def write_csv(results: list[dict], path) -> None:
-    """One row per video: path, score, level, MOS (when known) and the error of a failed video."""
+    """One row per video: path, score, level, flags (;-separated), MOS (when known) and the error of a failed video."""
     import csv
     import io
 
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
-    writer.writerows(results)
+    writer.writerows({**r, "flags": ";".join(r.get("flags", ()))} for r in results)
     write_atomically(path, text.getvalue())

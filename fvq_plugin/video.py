@@ -5,11 +5,14 @@ reader maps decoded frames to indices through the demuxed timestamps so both bac
 decord 0.6.0 returns wrong frames from open-GOP H.264, AVI with B-frames and MPEG-TS files, and
 silently reads only the intact part of a truncated mp4 whose index comes first; PyAV reads those
 correctly or raises, and is no slower, so backend="auto" tries PyAV first and decord second.
+PyAV frames are turned upright by the video's display rotation; decord ignores it, and `probe`
+reports the coded size.
 """
 from __future__ import annotations
 
 import bisect
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -223,7 +226,7 @@ def _iter_pyav(path):
             raise VideoReadError(path, "no video stream")
         stream = container.streams.video[0]
         for frame in container.decode(stream):
-            yield frame.to_ndarray(format="rgb24")
+            yield _displayed(frame)
 
 
 def _iter_decord(path, chunk: int = 32):
@@ -268,6 +271,24 @@ def _read(path, backend, counts):
         raise ValueError(f"unknown video backend {backend!r}; valid: {', '.join(('auto',) + BACKENDS)}")
     for n, sampling in counts or ():
         frame_indices(1, n, sampling)  # reject a bad n or sampling before touching the file
+    path = check_file(path)
+    if path.lower().endswith(IMAGE_EXTENSIONS):
+        return _guarded(path, "image", _read_image, counts)
+    if backend != "auto":
+        return _guarded(path, backend, _read_decord if backend == "decord" else _read_pyav, counts)
+    try:
+        return _guarded(path, "pyav", _read_pyav, counts)
+    except VideoReadError as pyav_error:
+        if pyav_error.reason.endswith(_NOTHING_TO_DECODE):  # no decoder can do better
+            raise
+        try:
+            return _guarded(path, "decord", _read_decord, counts)
+        except VideoReadError as decord_error:
+            raise VideoReadError(path, f"{pyav_error.reason}; {decord_error.reason}") from decord_error
+
+
+def check_file(path: str | os.PathLike) -> str:
+    """`path` as a str if it names a non-empty regular file; else VideoReadError saying what it is."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise VideoReadError(path, "no such file")
@@ -278,18 +299,12 @@ def _read(path, backend, counts):
         raise VideoReadError(path, "not a regular file")
     if os.path.getsize(path) == 0:
         raise VideoReadError(path, "empty file")
+    return path
 
-    if path.lower().endswith(IMAGE_EXTENSIONS):
-        return _guarded(path, "image", _read_image, counts)
-    if backend != "auto":
-        return _guarded(path, backend, _read_decord if backend == "decord" else _read_pyav, counts)
-    try:
-        return _guarded(path, "pyav", _read_pyav, counts)
-    except VideoReadError as pyav_error:
-        try:
-            return _guarded(path, "decord", _read_decord, counts)
-        except VideoReadError as decord_error:
-            raise VideoReadError(path, f"{pyav_error.reason}; {decord_error.reason}") from decord_error
+
+_NOTHING_TO_DECODE = ("no video stream", "no video frames")
+# decord prefixes its messages with a time and its own source file: "[07:13:52] /src/video_reader.cc:83: "
+_DECORD_PREFIX = re.compile(r"^\[[\d:]+\] \S+:\d+: ")
 
 
 def _guarded(path, name, reader, counts):
@@ -300,7 +315,7 @@ def _guarded(path, name, reader, counts):
         raise VideoReadError(path, f"{name}: {error.reason}") from error
     except Exception as error:
         # decord's messages carry a C++ stack trace after the first line
-        message = (str(error).strip().splitlines() or [""])[0]
+        message = _DECORD_PREFIX.sub("", (str(error).strip().splitlines() or [""])[0])
         raise VideoReadError(path, f"{name}: {type(error).__name__}: {message}") from error
 
 
@@ -352,7 +367,9 @@ def _read_pyav(path, counts):
     if counts is None:
         return info, None, None
     unique = _targets(n_frames, counts)
-    return info, unique, _decode_pyav(path, packets, unique, n_frames)
+    frames = _decode_pyav(path, packets, unique, n_frames)
+    height, width = frames.shape[1:3]  # displayed size: a rotated video's differs from the coded one
+    return replace(info, width=width, height=height), unique, frames
 
 
 def _plausible_frame_count(container, stream, fps):
@@ -429,5 +446,13 @@ def _decode_pyav_frames(path, targets, order, by_pts, keyframes):
             if position != target:
                 raise VideoReadError(path, f"frame {target} could not be decoded "
                                            f"(reached frame {position}; truncated or corrupt?)")
-            out.append(frame.to_ndarray(format="rgb24"))
+            out.append(_displayed(frame))
     return np.stack(out)
+
+
+def _displayed(frame) -> np.ndarray:
+    """RGB pixels as a player shows them: a phone's portrait video is stored landscape with a display
+    rotation, and a sideways face would defeat the face detector and mislead the rater."""
+    pixels = frame.to_ndarray(format="rgb24")
+    turns = round(frame.rotation / 90) % 4  # PyAV: degrees counter-clockwise, as np.rot90 turns
+    return np.ascontiguousarray(np.rot90(pixels, turns)) if turns else pixels

@@ -17,6 +17,8 @@ from fvq_plugin.video import (
     write_video,
 )
 
+from bad_inputs import set_display_rotation, write_audio_only, write_no_frames
+
 N_FRAMES, FPS, HEIGHT, WIDTH = 150, 24, 64, 80
 ALL = (*BACKENDS, "auto")
 
@@ -224,22 +226,6 @@ def write_truncated(path):
     path.write_bytes(data[:len(data) // 2])
 
 
-def write_audio_only(path):
-    with av.open(str(path), "w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=16000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
-        frame.sample_rate = 16000
-        for packet in (*stream.encode(frame), *stream.encode()):
-            container.mux(packet)
-
-
-def write_no_frames(path):
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("libx264", rate=FPS)
-        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
-        container.start_encoding()
-
-
 BAD_FILES = {
     "missing": lambda path: None,
     "directory": lambda path: path.mkdir(),
@@ -266,8 +252,10 @@ def test_unreadable_files_raise_video_read_error(tmp_path, case, backend):
         error = caught.value
         assert error.path == str(path) and error.reason
         assert str(error) == f"{path}: {error.reason}"
-    if backend == "auto" and case in ("random_bytes", "text", "truncated_half", "audio_only"):
+    if backend == "auto" and case in ("random_bytes", "text", "truncated_half"):
         assert "decord" in error.reason and "pyav" in error.reason
+    if backend == "auto" and case == "audio_only":  # nothing for decord to try
+        assert error.reason == "pyav: no video stream"
 
 
 def test_auto_falls_back_to_decord(video, monkeypatch):
@@ -292,3 +280,17 @@ def test_bad_backend_name(video):
 def test_error_survives_pickling():
     error = pickle.loads(pickle.dumps(VideoReadError("a.mp4", "empty file")))
     assert (error.path, error.reason, str(error)) == ("a.mp4", "empty file", "a.mp4: empty file")
+
+
+@pytest.mark.parametrize("turns", [1, 2, 3])
+def test_a_display_rotation_is_applied_as_a_player_shows_it(tmp_path, turns):
+    stored = np.zeros((64, 96, 3), np.uint8)
+    stored[:16, :32] = 255  # a block in the stored top-left corner
+    path = tmp_path / "rotated.mp4"
+    write_video(path, [stored] * 4, crf=0)
+    set_display_rotation(path, turns)
+    shown = np.rot90(stored, -turns)  # clockwise quarter turns
+    for backend in ("pyav", "auto"):
+        clip = sample_frames(path, n=2, backend=backend)
+        assert clip.frames.shape[1:3] == shown.shape[:2] and (clip.info.height, clip.info.width) == shown.shape[:2]
+        assert np.abs(clip.frames[0].astype(int) - shown).mean() < 3

@@ -1,4 +1,4 @@
 """The four face-aware feature streams of FVQ-Rater (see pipeline.py for how they run together)."""
-from .pipeline import FEATURES_VERSION, FeatureConfig, FeatureExtractor, FramePreparer, model_inputs
+from .pipeline import FEATURES_VERSION, FeatureConfig, FeatureExtractor, FramePreparer, model_inputs, video_flags
 
-__all__ = ["FEATURES_VERSION", "FeatureConfig", "FeatureExtractor", "FramePreparer", "model_inputs"]
+__all__ = ["FEATURES_VERSION", "FeatureConfig", "FeatureExtractor", "FramePreparer", "model_inputs", "video_flags"]

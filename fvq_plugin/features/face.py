@@ -49,6 +49,7 @@ class FaceResult:
     mask: np.ndarray  # bool [N]
     boxes: np.ndarray  # float32 [N, 4] x1, y1, x2, y2 in pixels, clipped to the frame
     scores: np.ndarray  # float32 [N] detector confidence
+    counts: np.ndarray  # int64 [N] faces detected in each frame (the one kept is `pick_face`'s)
 
 
 def pick_face(boxes: np.ndarray, height: int, width: int) -> int:
@@ -271,10 +272,12 @@ class FaceFeatures:
             mask=np.zeros(n, bool),
             boxes=np.zeros((n, 4), np.float32),
             scores=np.zeros(n, np.float32),
+            counts=np.zeros(n, np.int64),
         )
         crops = []
         for i, frame in enumerate(frames):
             boxes, kps, scores = self.detect(frame)
+            out.counts[i] = len(boxes)
             if len(boxes) == 0:
                 continue
             j = pick_face(boxes, *frame.shape[:2])

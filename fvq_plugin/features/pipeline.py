@@ -22,7 +22,7 @@ from .spatial import SpatialFeatures
 
 # Part of every feature-cache key: bump it whenever preprocessing changes what a cached feature holds,
 # so no run reuses features computed by older code.
-FEATURES_VERSION = 2
+FEATURES_VERSION = 3  # 3: info counts the faces per sampled frame
 # The settings a user may override on a checkpoint's recorded ones (score/eval flags, pyiqa and
 # lmms-eval options): which local models and decoder run, never what the recipe fixes.
 FEATURE_OVERRIDES = ("video_backend", "face_backend", "face_models", "portrait_model", "temporal_weights")
@@ -141,6 +141,7 @@ class FramePreparer:
             faces = self.face(sampled)
             out["face_embeds"] = torch.from_numpy(faces.embeds)
             out["face_mask"] = torch.from_numpy(faces.mask)
+            info.update(face_frames=int(faces.mask.sum()), most_faces=int(faces.counts.max()))
         if dense is not None:
             out["temporal_clip"] = self.clip_preprocess(dense)
         return out
@@ -196,6 +197,18 @@ class FeatureExtractor:
             for item, feature in zip(prepared, self.temporal(clips)):
                 item["temporal"] = feature
         return prepared
+
+
+def video_flags(info: dict) -> list[str]:
+    """What a score should be read with: the video was too short for the sampled frames (or is an
+    image), no sampled frame showed a face (the face stream then carries the learned no-face token),
+    or some frame showed several faces (the most prominent one was embedded)."""
+    flags = ["repeated_frames"] if info.get("repeated") else []
+    if info.get("face_frames") == 0:
+        flags.append("no_face")
+    if info.get("most_faces", 0) > 1:
+        flags.append("multiple_faces")
+    return flags
 
 
 def model_inputs(features: list[dict], spatial: SpatialFeatures, device="cpu", dtype=torch.float32) -> dict:

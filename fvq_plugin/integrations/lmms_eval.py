@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
 
 from accelerate import Accelerator
@@ -22,6 +23,7 @@ from tqdm import tqdm
 
 from ..answers import RatedAnswer, error_answer
 
+log = logging.getLogger(__name__)
 MODEL_NAME = "fvq_rater"
 _MARK = "_fvq_plugin_task_folder"
 
@@ -106,6 +108,9 @@ class FVQRaterLMM(lmms):
         paths = [self._video_path(request) for request in requests]
         with tqdm(total=len(requests), disable=self.rank != 0, desc="Model Responding") as bar:
             results = self.scorer.score(paths, progress=False, on_batch=bar.update)
+        for result in results:
+            if result.get("flags"):
+                log.warning("%s: scored with flags %s", result["path"], ", ".join(result["flags"]))
         return [RatedAnswer(r["text"], r["score"]) if "score" in r else error_answer(f"{r['path']}: {r['error']}")
                 for r in results]
 

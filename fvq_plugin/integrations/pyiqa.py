@@ -20,6 +20,7 @@ nothing is downloaded.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import nn
@@ -111,6 +112,8 @@ class FVQRaterArch(nn.Module):
         raise TypeError(f"fvq_rater takes a path, a list of paths or a frame tensor, got {type(target).__name__}")
 
     def forward(self, videos) -> torch.Tensor:
+        """One score per video. A video that cannot be read raises, naming every such file and why (a
+        metric returns scores only); a scored video's flags (no face, repeated frames, ...) are warnings."""
         from ..video import VideoReadError
 
         if self.scorer is None:
@@ -119,10 +122,17 @@ class FVQRaterArch(nn.Module):
         if isinstance(videos, VideoPaths):
             results = self.scorer.score(videos, progress=False)
             failed = [r for r in results if "error" in r]
-            if failed:
+            if len(failed) == 1:
                 raise VideoReadError(failed[0]["path"], failed[0]["error"])
+            if failed:
+                reasons = "; ".join(f"{r['path']}: {r['error']}" for r in failed)
+                raise VideoReadError(f"{len(failed)} of {len(results)} videos", reasons)
         else:
             results = self.scorer.score_frames([_uint8_frames(video) for video in videos])
+        for index, result in enumerate(results):
+            if result["flags"]:
+                what = result.get("path", f"video {index} of the batch")
+                warnings.warn(f"fvq_rater: {what}: scored with flags {', '.join(result['flags'])}", stacklevel=2)
         return torch.tensor([r["score"] for r in results], device=device)
 
 
