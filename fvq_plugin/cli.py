@@ -49,7 +49,10 @@ def _feature_overrides(args) -> dict:
 
 
 def _check_runtime(args) -> None:
-    """--device and --attn problems of any command that has them, found before a model is loaded."""
+    """--device, --attn and --timeout-per-video problems of any command that has them, found before a model is loaded."""
+    timeout = getattr(args, "timeout_per_video", None)
+    if timeout is not None and not timeout > 0:
+        raise UsageError(f"--timeout-per-video {timeout:g}: give a positive number of seconds")
     if getattr(args, "device", "cpu").startswith("cuda"):
         import torch
 
@@ -82,8 +85,8 @@ def _scorer(args):
     return Scorer.from_pretrained(checkpoint_path(args.weights, "--weights DIR"), device=args.device,
                                   dtype=parse_dtype(args.dtype), device_map=args.device_map, attn_implementation=args.attn,
                                   feature_overrides=_feature_overrides(args), merge_lora=args.merge_lora,
-                                  batch_size=args.batch_size,
-                                  workers=args.workers, cache_dir=args.cache)
+                                  batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache,
+                                  timeout_per_video=args.timeout_per_video)
 
 
 def _check_outputs(args) -> None:
@@ -333,6 +336,9 @@ def _add_runtime_args(parser, weights=True):
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding ahead")
     parser.add_argument("--cache", help="feature cache folder")
     if weights:
+        parser.add_argument("--timeout-per-video", type=float, metavar="SECONDS",
+                            help="record a video still decoding after this long as failed and go on (decoding then "
+                                 "runs in max(1, --workers) processes that can be stopped)")
         parser.add_argument("--merge-lora", action=argparse.BooleanOptionalAction, default=True,
                             help="fold LoRA into the base weights for inference")
 

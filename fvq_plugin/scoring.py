@@ -117,7 +117,7 @@ class _PreparedVideos(Dataset):
             return Extracted(path, None, f"{type(error).__name__}: {error}", content=key)
 
 
-def _one_thread_per_worker(_):
+def _one_thread_per_worker(_=None):
     # Workers are the parallelism; their own thread pools would only contend for the cores.
     import cv2
 
@@ -125,17 +125,77 @@ def _one_thread_per_worker(_):
     torch.set_num_threads(1)
 
 
+_worker_videos: _PreparedVideos | None = None  # the pool worker's copy (timed preparation)
+
+
+def _start_timed_worker(videos: _PreparedVideos) -> None:
+    global _worker_videos
+    _one_thread_per_worker()
+    _worker_videos = videos
+
+
+def _prepare_in_worker(index: int) -> Extracted:
+    return _worker_videos[index]
+
+
+def _timed_batches(videos: _PreparedVideos, batch_size: int, workers: int, timeout: float) -> Iterator[list[Extracted]]:
+    """Like the DataLoader, but a video still being prepared after `timeout` seconds is recorded as
+    failed: pebble stops that worker process (a decoder stuck in C code cannot be interrupted from
+    Python) and starts another. Only a bounded window of videos is in flight, so memory stays flat."""
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    from pebble import ProcessPool
+
+    def outcome(path, future) -> Extracted:
+        try:
+            return future.result()
+        except FutureTimeout:
+            return Extracted(path, None, f"timed out: not decoded within {timeout:g} s (--timeout-per-video)")
+        except Exception as error:  # the worker process died (e.g. killed for memory): this video only
+            return Extracted(path, None, f"{type(error).__name__}: {error}")
+
+    def in_order(pool):
+        pending = deque()
+        for index, path in enumerate(videos.paths):
+            pending.append((path, pool.schedule(_prepare_in_worker, (index,), timeout=timeout)))
+            if len(pending) == max(2 * batch_size, 2 * workers):
+                yield outcome(*pending.popleft())
+        while pending:
+            yield outcome(*pending.popleft())
+
+    with ProcessPool(max_workers=workers, initializer=_start_timed_worker, initargs=(videos,),
+                     context=multiprocessing.get_context("forkserver")) as pool:
+        batch = []
+        for item in in_order(pool):
+            batch.append(item)
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
 def extract_features(paths, extractor: FeatureExtractor, cache_dir=None, batch_size: int = 8, workers: int = 0,
-                     progress: bool = True) -> Iterator[list[Extracted]]:
-    """Batches of per-video features (or failures), in input order."""
+                     progress: bool = True, timeout: float | None = None) -> Iterator[list[Extracted]]:
+    """Batches of per-video features (or failures), in input order.
+
+    With `timeout` (seconds per video) preparation runs in max(1, workers) processes that are
+    stopped when a video takes longer; that video is recorded as failed and the run goes on.
+    """
     cache = FeatureCache(cache_dir, extractor.key_digest()) if cache_dir else None
-    # Workers start from a clean forkserver process: a plain fork of a parent that already ran
-    # OpenMP (torch, cv2) deadlocks in the child.
-    loader = DataLoader(_PreparedVideos(paths, extractor.preparer, cache), batch_size=batch_size,
-                        num_workers=workers, collate_fn=list, worker_init_fn=_one_thread_per_worker,
-                        multiprocessing_context="forkserver" if workers else None)
+    videos = _PreparedVideos(paths, extractor.preparer, cache)
+    if timeout is not None:
+        batches = _timed_batches(videos, batch_size, max(1, workers), timeout)
+    else:
+        # Workers start from a clean forkserver process: a plain fork of a parent that already ran
+        # OpenMP (torch, cv2) deadlocks in the child.
+        batches = DataLoader(videos, batch_size=batch_size, num_workers=workers, collate_fn=list,
+                             worker_init_fn=_one_thread_per_worker,
+                             multiprocessing_context="forkserver" if workers else None)
     with tqdm(total=len(paths), desc="features", unit="video", disable=not progress) as bar:
-        for items in loader:
+        for items in batches:
             fresh = [item for item in items if item.features is not None and not item.cached]
             extractor.finish([item.features for item in fresh])
             if cache is not None:
@@ -149,9 +209,12 @@ class Scorer:
     """FVQ-Rater over many videos: one model load, batched features and forwards, resumable output."""
 
     def __init__(self, model, extractor: FeatureExtractor, batch_size: int = 8, workers: int = 0,
-                 cache_dir=None):
+                 cache_dir=None, timeout_per_video: float | None = None):
         self.model, self.extractor = model.eval(), extractor
         self.batch_size, self.workers, self.cache_dir = batch_size, workers, cache_dir
+        if timeout_per_video is not None and not timeout_per_video > 0:
+            raise InputError(f"the timeout per video must be a positive number of seconds, got {timeout_per_video}")
+        self.timeout_per_video = timeout_per_video
         self.resumed = 0  # videos the last score() call took from its output file
         self._check_compatible()
 
@@ -214,7 +277,8 @@ class Scorer:
         if sink and sink.tell() and not Path(output).read_bytes().endswith(b"\n"):
             sink.write("\n")  # a killed run's cut-off line must not swallow the next result
         try:
-            for items in extract_features(todo, self.extractor, self.cache_dir, self.batch_size, self.workers, progress):
+            for items in extract_features(todo, self.extractor, self.cache_dir, self.batch_size, self.workers, progress,
+                                          self.timeout_per_video):
                 good = [item for item in items if item.features is not None]
                 predictions = iter(self.score_features([item.features for item in good]) if good else [])
                 for item in items:

@@ -140,7 +140,7 @@ def sample_frames(path: str | os.PathLike, n: int = 8, backend: str = "auto", sa
 def dense_clip(path: str | os.PathLike, n: int = 32, short_side: int = 224, backend: str = "auto") -> Clip:
     """`n` frames spread over the whole video, shrunk so the short side is <= `short_side`."""
     _check_short_side(short_side)
-    return _shrink(_clip(*_read(path, backend, ((n, "centres"),)), n), short_side)
+    return _clip(*_read(path, backend, ((n, "centres"),)), n, short_side=short_side)
 
 
 def sample_and_dense(path: str | os.PathLike, n: int = 8, dense_n: int = 32, short_side: int = 224,
@@ -149,7 +149,7 @@ def sample_and_dense(path: str | os.PathLike, n: int = 8, dense_n: int = 32, sho
     decoding pass."""
     _check_short_side(short_side)
     read = _read(path, backend, ((n, sampling), (dense_n, "centres")))
-    return _clip(*read, n, sampling), _shrink(_clip(*read, dense_n), short_side)
+    return _clip(*read, n, sampling), _clip(*read, dense_n, short_side=short_side)
 
 
 def all_frames(path: str | os.PathLike, backend: str = "auto", max_frames: int = 1200,
@@ -182,14 +182,14 @@ def all_frames(path: str | os.PathLike, backend: str = "auto", max_frames: int =
 
     def decode(reader):
         def run(p, _counts):
-            out = []
+            out = _Frames(p, min(info.n_frames, max_frames))
             for frame in reader(p):
                 if len(out) == max_frames:
                     raise VideoReadError(p, too_many.format(f"over {max_frames}"))
                 out.append(stretch(frame, size))
             if not out:
                 raise VideoReadError(p, "no video frames")
-            return out
+            return out.array
         return run
 
     readers = {"pyav": _iter_pyav, "decord": _iter_decord}
@@ -208,7 +208,7 @@ def all_frames(path: str | os.PathLike, backend: str = "auto", max_frames: int =
         raise VideoReadError(path, "; ".join(e.reason for e in errors)) from errors[-1]
     n = len(frames)
     info = replace(info, n_frames=n, duration=_duration(n, info.fps), backend=name)
-    return Clip(np.stack(frames), np.arange(n, dtype=np.int64), info, repeated=False)
+    return Clip(frames, np.arange(n, dtype=np.int64), info, repeated=False)
 
 
 def stretch(frame: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
@@ -237,26 +237,27 @@ def _iter_decord(path, chunk: int = 32):
         yield from reader.get_batch(list(range(start, min(start + chunk, len(reader))))).asnumpy()
 
 
-def _clip(info, unique, frames, n, sampling="centres") -> Clip:
-    """The `n` sampled frames, picked from the decoded `unique` indices."""
+def _clip(info, unique, frames, n, sampling="centres", short_side=None) -> Clip:
+    """The `n` sampled frames, picked from the decoded `unique` indices (shrunk so the short side is
+    at most `short_side`). No full-size frame is copied when the sample is the decoded frames themselves."""
     indices = frame_indices(info.n_frames, n, sampling)
-    return Clip(frames[np.searchsorted(unique, indices)], indices, info, repeated=info.n_frames < n)
+    positions = np.searchsorted(unique, indices)
+    height, width = frames.shape[1:3]
+    scale = short_side / min(height, width) if short_side else 1
+    if scale < 1:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        # Resizing here rather than in decord keeps both backends' pixels identical.
+        picked = np.stack([cv2.resize(frames[p], size, interpolation=cv2.INTER_AREA) for p in positions])
+    elif np.array_equal(positions, np.arange(len(frames))):
+        picked = frames
+    else:
+        picked = frames[positions]
+    return Clip(picked, indices, info, repeated=info.n_frames < n)
 
 
 def _check_short_side(short_side):
     if short_side < 1:
         raise ValueError(f"short_side must be >= 1, got {short_side}")
-
-
-def _shrink(clip: Clip, short_side: int) -> Clip:
-    height, width = clip.frames.shape[1:3]
-    scale = short_side / min(height, width)
-    if scale >= 1:
-        return clip
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    # Resizing here rather than in decord keeps both backends' pixels identical.
-    frames = np.stack([cv2.resize(frame, size, interpolation=cv2.INTER_AREA) for frame in clip.frames])
-    return replace(clip, frames=frames)
 
 
 def _targets(n_frames: int, samplings) -> np.ndarray:
@@ -418,7 +419,7 @@ def _decode_pyav(path, packets, targets, n_frames):
 
 def _decode_pyav_frames(path, targets, order, by_pts, keyframes):
     rank = {pts: i for i, pts in enumerate(order or ())}
-    out = []
+    out = _Frames(path, len(targets))
     with av.open(path) as container:
         # PyAV's default threading; frame threading would refill its pipeline after every seek.
         stream = container.streams.video[0]
@@ -447,7 +448,33 @@ def _decode_pyav_frames(path, targets, order, by_pts, keyframes):
                 raise VideoReadError(path, f"frame {target} could not be decoded "
                                            f"(reached frame {position}; truncated or corrupt?)")
             out.append(_displayed(frame))
-    return np.stack(out)
+    return out.array
+
+
+class _Frames:
+    """Decoded frames written straight into one array: a list joined by np.stack would hold every
+    frame twice at the peak. Grows by doubling when `capacity` (a container's frame count) was short."""
+
+    def __init__(self, path, capacity: int):
+        self.path, self.capacity, self.count, self._array = path, max(1, capacity), 0, None
+
+    def append(self, frame: np.ndarray) -> None:
+        if self._array is None:
+            self._array = np.empty((self.capacity, *frame.shape), frame.dtype)
+        elif frame.shape != self._array.shape[1:]:
+            raise VideoReadError(self.path, f"the frame size changes within the video, from "
+                                            f"{self._array.shape[2]}x{self._array.shape[1]} to {frame.shape[1]}x{frame.shape[0]}")
+        elif self.count == len(self._array):
+            self._array = np.concatenate([self._array, np.empty_like(self._array)])
+        self._array[self.count] = frame
+        self.count += 1
+
+    def __len__(self):
+        return self.count
+
+    @property
+    def array(self) -> np.ndarray:
+        return self._array[:self.count]
 
 
 def _displayed(frame) -> np.ndarray:

@@ -68,13 +68,15 @@ class FVQRaterLMM(lmms):
         attn_implementation: sdpa, flash_attention_2, eager.
         batch_size: videos per forward.   workers: DataLoader processes decoding ahead.
         cache_dir: feature cache folder (a second run skips decoding and feature extraction).
+        timeout_per_video: seconds; a video still decoding after this long is answered as failed.
         merge_lora: fold LoRA into the base weights (default true).
         video_backend, face_backend, face_models, portrait_model, temporal_weights: feature settings
             overriding the checkpoint's.
     """
 
     def __init__(self, pretrained=None, device=None, dtype=None, device_map=None, attn_implementation=None,
-                 batch_size=8, workers=0, cache_dir=None, merge_lora=True, max_batch_size=None,  # lmms-eval's, unused
+                 batch_size=8, workers=0, cache_dir=None, merge_lora=True, timeout_per_video=None,
+                 max_batch_size=None,  # lmms-eval's, unused
                  **feature_settings):
         super().__init__()
         from ..checkpoint import checkpoint_path, parse_dtype
@@ -94,7 +96,8 @@ class FVQRaterLMM(lmms):
             checkpoint_path(pretrained, "--model_args pretrained=DIR"), device=self._device,
             dtype=parse_dtype(dtype), device_map=device_map, attn_implementation=attn_implementation,
             feature_overrides=feature_settings, merge_lora=str(merge_lora).lower() not in ("false", "0", "no"),
-            batch_size=int(batch_size), workers=int(workers), cache_dir=cache_dir)
+            batch_size=int(batch_size), workers=int(workers), cache_dir=cache_dir,
+            timeout_per_video=None if timeout_per_video is None else float(timeout_per_video))
 
     @property
     def batch_size(self) -> int:
