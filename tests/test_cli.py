@@ -54,6 +54,7 @@ def test_json_output_is_only_json(checkpoint, demo_set, one_video, tmp_path, cap
     assert json.loads(capsys.readouterr().out) == json.loads((tmp_path / "bench.json").read_text())
 
 
+@pytest.mark.reliability
 def test_user_mistakes_are_one_line_naming_the_flag_and_the_fix(checkpoint, one_video, tmp_path, capsys,
                                                                 monkeypatch):
     import torch
@@ -91,6 +92,7 @@ def test_usage_errors_and_help_never_import_torch():
     assert "the following arguments are required: paths" in run.stderr
 
 
+@pytest.mark.reliability
 def test_empty_and_tiny_datasets_are_said_plainly(demo_set, checkpoint, tmp_path, capsys):
     root = tmp_path / "data"
     shutil.copytree(demo_set, root)
@@ -180,6 +182,7 @@ def test_train_on_a_local_internvl_backbone(demo_set, tmp_path, capsys):
     assert config["features"]["streams"] == config["streams"] and config["recipe"]["mos_range"][0] >= 0
 
 
+@pytest.mark.reliability
 def test_only_input_errors_become_one_line_and_bugs_keep_their_traceback(monkeypatch, capsys, tmp_path):
     from fvq_plugin.errors import InputError
 

@@ -200,6 +200,7 @@ def test_a_release_naming_another_template_is_refused(release, tmp_path):
         convert_checkpoint(src, tmp_path / "out", recipe=RECIPE)
 
 
+@pytest.mark.reliability
 def test_a_config_path_cannot_leave_the_checkpoint(converted, tmp_path):
     import shutil
 
@@ -246,6 +247,7 @@ def test_cli_converts_with_recipe_finevq_and_scores_as_finevq_computes(release, 
     assert scored == pytest.approx(min(reference.item(), 100.0), abs=1e-3)
 
 
+@pytest.mark.reliability
 def test_an_interrupted_conversion_leaves_no_checkpoint_that_looks_complete(release, tmp_path, monkeypatch):
     def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt

@@ -99,6 +99,7 @@ def test_unknown_split_is_rejected(dataset):
     assert SPLITS == ("train", "val", "test")
 
 
+@pytest.mark.reliability
 def test_a_symlink_out_of_the_dataset_root_is_a_problem_never_read(dataset, tmp_path_factory):
     outside = tmp_path_factory.mktemp("elsewhere") / "secret.mp4"
     outside.write_bytes((dataset / "test" / "videos" / "d.mp4").read_bytes())

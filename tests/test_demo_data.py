@@ -161,6 +161,7 @@ def test_refuses_non_empty_dir(tmp_path):
     assert "train" in format_summary(summary)
 
 
+@pytest.mark.reliability
 def test_the_demo_never_deletes_a_real_dataset_in_its_workdir(demo_set, tmp_path, capsys):
     from fvq_plugin.cli import main
 

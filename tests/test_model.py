@@ -176,6 +176,7 @@ def test_the_level_word_names_the_bin_of_the_score_shown_and_the_level_head_is_r
     assert all(max(r["level_probs"], key=r["level_probs"].get) == "excellent" for r in results)
 
 
+@pytest.mark.reliability
 def test_pickle_based_weights_are_refused_before_anything_is_unpickled(tmp_path, model, monkeypatch):
     import torch as torch_module
 

@@ -2,9 +2,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from fvq_plugin.quiet import native_stderr_filtered
 
 
+@pytest.mark.reliability
 def test_only_the_known_native_announcements_are_dropped(capfd):
     with native_stderr_filtered():
         os.write(2, b"INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\n")
@@ -14,6 +17,7 @@ def test_only_the_known_native_announcements_are_dropped(capfd):
     assert capfd.readouterr().err == "a real error from the same library\n"
 
 
+@pytest.mark.reliability
 def test_loading_the_feature_models_prints_nothing_but_our_own_warnings():
     code = ("import numpy as np\nfrom fvq_plugin.features.portrait import PortraitFeatures\n"
             "from fvq_plugin.features.face import FaceFeatures\nimport fvq_plugin.model, peft\n"

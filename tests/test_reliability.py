@@ -134,3 +134,26 @@ def test_reliability_a_video_that_hangs_times_out_and_the_batch_goes_on(checkpoi
 def test_reliability_timeout_per_video_must_be_positive(capsys):
     assert main(["score", "x.mp4", "--timeout-per-video", "0"]) == 2
     assert "--timeout-per-video 0: give a positive number of seconds" in capsys.readouterr().err
+
+
+def test_reliability_no_code_unpickles_weights_or_runs_remote_code():
+    """Every torch.load passes weights_only=True and nothing sets trust_remote_code=True (checked in the
+    source, so a new call cannot slip in); checkpoints themselves are safetensors (test_model.py)."""
+    import ast
+    from pathlib import Path
+
+    import fvq_plugin
+
+    loads = 0
+    for file in Path(fvq_plugin.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(file.read_text(), str(file))):
+            if not isinstance(node, ast.Call):
+                continue
+            keywords = {k.arg: k.value for k in node.keywords}
+            remote = keywords.get("trust_remote_code")
+            assert not (isinstance(remote, ast.Constant) and remote.value is True), f"{file}:{node.lineno}"
+            if isinstance(node.func, ast.Attribute) and node.func.attr == "load" and ast.unparse(node.func) == "torch.load":
+                loads += 1
+                only = keywords.get("weights_only")
+                assert isinstance(only, ast.Constant) and only.value is True, f"{file}:{node.lineno}: {ast.unparse(node)}"
+    assert loads >= 1  # SlowFast's .pyth files

@@ -49,6 +49,7 @@ def test_cached_features_are_identical_and_keyed_by_configuration(demo_set, extr
     assert list(tmp_path.rglob("*.tmp")) == []  # writes are atomic: no leftovers
 
 
+@pytest.mark.reliability
 def test_a_damaged_cache_file_is_recomputed(demo_set, extractor, tmp_path):
     path = read_split(demo_set, "val")[0].path
     list(extract_features([path], extractor, tmp_path, progress=False))
@@ -58,6 +59,7 @@ def test_a_damaged_cache_file_is_recomputed(demo_set, extractor, tmp_path):
     assert item.features is not None and not item.cached
 
 
+@pytest.mark.reliability
 def test_failures_are_recorded_and_the_run_goes_on(demo_set, extractor, tmp_path):
     good = [r.path for r in read_split(demo_set, "val")][:2]
     broken = tmp_path / "broken.mp4"
@@ -86,6 +88,7 @@ def scorer(checkpoint, feature_cache):
     return Scorer.from_pretrained(checkpoint, cache_dir=feature_cache)
 
 
+@pytest.mark.reliability
 def test_scorer_resumes_an_interrupted_run(scorer, demo_set, tmp_path, monkeypatch):
     paths = [r.path for r in read_split(demo_set, "test")][:4]
     output = tmp_path / "results.jsonl"
@@ -102,6 +105,7 @@ def test_scorer_resumes_an_interrupted_run(scorer, demo_set, tmp_path, monkeypat
     assert sorted(r["path"] for r in lines) == sorted(str(p) for p in paths)
 
 
+@pytest.mark.reliability
 def test_scores_are_deterministic(scorer, demo_set):
     paths = [r.path for r in read_split(demo_set, "test")][:3]
     assert scorer.score(paths, progress=False) == scorer.score(paths, progress=False)
@@ -135,6 +139,7 @@ def test_cli_without_weights_says_how_to_get_them(monkeypatch, capsys, tmp_path)
     assert "FVQ_RATER_WEIGHTS" in error and "fvq-rater demo" in error
 
 
+@pytest.mark.reliability
 def test_resuming_refuses_results_of_another_checkpoint(scorer, checkpoint, demo_set, tmp_path):
     paths = [r.path for r in read_split(demo_set, "test")][:2]
     output = tmp_path / "results.jsonl"
@@ -145,6 +150,7 @@ def test_resuming_refuses_results_of_another_checkpoint(scorer, checkpoint, demo
         other.score(paths, output=output, progress=False)
 
 
+@pytest.mark.reliability
 def test_resuming_rescores_a_video_whose_bytes_changed(scorer, demo_set, tmp_path):
     sources = [r.path for r in read_split(demo_set, "test")][:2]
     video = tmp_path / "clip.mp4"
@@ -158,6 +164,7 @@ def test_resuming_rescores_a_video_whose_bytes_changed(scorer, demo_set, tmp_pat
     assert scorer.score([video], output=output, progress=False) == [after] and scorer.resumed == 1
 
 
+@pytest.mark.reliability
 def test_a_results_file_with_foreign_lines_is_read_without_crashing(tmp_path, caplog):
     output = tmp_path / "results.jsonl"
     output.write_text('{"path": "a.mp4", "score": 1}\n{"no_path": 1}\n[1, 2]\n')
@@ -165,6 +172,7 @@ def test_a_results_file_with_foreign_lines_is_read_without_crashing(tmp_path, ca
     assert "skipped 2 line(s)" in caplog.text
 
 
+@pytest.mark.reliability
 def test_the_feature_cache_key_holds_the_code_version(extractor):
     from fvq_plugin import __version__
     from fvq_plugin.features import FEATURES_VERSION
@@ -172,6 +180,7 @@ def test_the_feature_cache_key_holds_the_code_version(extractor):
     assert extractor.key()["code"] == {"fvq_plugin": __version__, "features": FEATURES_VERSION}
 
 
+@pytest.mark.reliability
 def test_scores_do_not_depend_on_the_batch_size(checkpoint, demo_set, feature_cache):
     paths = [r.path for r in read_split(demo_set, "test")][:5]
     one = Scorer.from_pretrained(checkpoint, cache_dir=feature_cache, batch_size=1).score(paths, progress=False)
@@ -181,6 +190,7 @@ def test_scores_do_not_depend_on_the_batch_size(checkpoint, demo_set, feature_ca
     assert [r["level"] for r in one] == [r["level"] for r in four]
 
 
+@pytest.mark.reliability
 def test_a_scoring_run_killed_mid_way_resumes_to_the_uninterrupted_results(checkpoint, demo_set, tmp_path):
     import signal
     import subprocess

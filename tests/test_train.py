@@ -27,6 +27,7 @@ def trained_state(model):
     return {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k or not k.startswith("backbone.")}
 
 
+@pytest.mark.reliability
 def test_a_run_whose_validation_srcc_is_always_nan_still_writes_best(tmp_path, extractor, data):
     (train_features, train_mos), (val_features, val_mos) = data
     constant_val = (val_features, [50.0] * len(val_mos))  # constant MOS: SRCC is undefined every epoch
@@ -62,6 +63,7 @@ def test_stage_two_trains_the_head_and_stage_one_does_not(extractor, data, tmp_p
     assert not torch.equal(model.score_head.output.weight, head)
 
 
+@pytest.mark.reliability
 def test_resuming_an_interrupted_run_gives_identical_results(tmp_path, extractor, data, monkeypatch):
     config = TrainConfig(stage=2, epochs=2, lr=1e-3, batch_size=4)
     whole = tiny_rater(extractor)
@@ -85,6 +87,7 @@ def test_resuming_an_interrupted_run_gives_identical_results(tmp_path, extractor
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
 
 
+@pytest.mark.reliability
 def test_a_training_run_killed_while_checkpointing_resumes_to_the_uninterrupted_results(tmp_path, demo_set,
                                                                                       feature_cache, checkpoint):
     # `checkpoint` has filled the feature cache. The kill comes after epoch 2's weights and progress are
