@@ -168,6 +168,50 @@ def _eval(args) -> int:
     return 1 if too_few or report["failed"] else 0
 
 
+def _pairs(values, flag: str, optional_name: bool = False) -> dict:
+    """NAME=VALUE options; with optional_name a bare VALUE is named after its file."""
+    pairs = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep and optional_name:
+            name, rest = Path(value).stem, value
+        elif not sep or not name or not rest:
+            raise UsageError(f"{flag} {value}: expected NAME=PATH")
+        pairs[name] = rest
+    return pairs
+
+
+def _compare(args) -> int:
+    from .checkpoint import checkpoint_path
+    from .compare import FVQ, MetricSpec, check_metric_names, compare, format_table
+    from .data import read_split
+
+    names = [name.strip() for name in args.metrics.split(",") if name.strip()]
+    if not names and not args.lmms_eval_samples:
+        raise UsageError("--metrics: name at least one metric, e.g. --metrics fvq_rater,piqe")
+    if args.frames < 1:
+        raise UsageError(f"--frames {args.frames}: give at least 1")
+    weights = _pairs(args.metric_weights, "--metric-weights")
+    samples = _pairs(args.lmms_eval_samples, "--lmms-eval-samples", optional_name=True)
+    for path in [*weights.values(), *samples.values()]:
+        if not Path(path).exists():
+            raise UsageError(f"{path}: no such file or folder")
+    check_metric_names(names)
+    read_split(args.data, args.split)  # a broken dataset is reported before any metric loads
+    # Without weights FVQ-Rater is listed as unavailable; weights that are given must be a checkpoint.
+    checkpoint = checkpoint_path(args.weights, "--weights DIR") if FVQ in names and (
+        args.weights or os.environ.get(WEIGHTS_ENV)) else None
+    specs = [MetricSpec(name, weights.get(name), args.frames, args.pool, args.device) for name in names]
+    result = compare(args.data, args.split, specs, args.out, checkpoint=checkpoint, lmms_samples=samples,
+                     resume=args.resume, batch_size=args.batch_size, progress=not args.json)
+    if args.json:
+        print(json.dumps(result["rows"]))
+    else:
+        print(format_table(result["rows"]))
+        print(f"wrote {Path(args.out) / 'compare.csv'}, compare.json and compare.png")
+    return 0
+
+
 def _features(args) -> int:
     from .data import read_split
     from .features import FeatureExtractor
@@ -395,6 +439,28 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runtime_args(evaluation)
     _add_feature_args(evaluation)
     evaluation.set_defaults(run=_eval)
+
+    comparison = commands.add_parser("compare", help="FVQ-Rater and other quality metrics on the same videos: a "
+                                                      "table, CSV, JSON and a scatter plot")
+    comparison.add_argument("--data", required=True, help="FVQ-20K-layout root")
+    comparison.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to compare on")
+    comparison.add_argument("--metrics", default="fvq_rater,piqe",
+                            help="comma-separated: fvq_rater and no-reference pyiqa metric names")
+    comparison.add_argument("--frames", type=int, default=8, help="frames per video for frame metrics")
+    comparison.add_argument("--pool", choices=["mean", "median", "min"], default="mean",
+                            help="per-video pooling of frame scores (min: the worst frame)")
+    comparison.add_argument("--out", default="fvq-compare", help="folder for compare.csv/.json/.png and predictions")
+    comparison.add_argument("--resume", action="store_true",
+                            help="reuse the predictions in --out; compute only the missing ones (e.g. a new metric)")
+    comparison.add_argument("--metric-weights", action="append", default=[], metavar="NAME=PATH",
+                            help="local weights or parameter file of a metric (repeatable)")
+    comparison.add_argument("--lmms-eval-samples", action="append", default=[], metavar="[LABEL=]FILE",
+                            help="another LMM's logged fvq20k answers (lmms-eval --log_samples), as a column")
+    comparison.add_argument("--weights", help=f"FVQ-Rater checkpoint folder (default: env {WEIGHTS_ENV})")
+    comparison.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    comparison.add_argument("--batch-size", type=int, default=8, help="FVQ-Rater videos per forward")
+    comparison.add_argument("--json", action="store_true", help="print the results as JSON")
+    comparison.set_defaults(run=_compare)
 
     features = commands.add_parser("features", help="precompute the four feature streams of a split into a cache")
     features.add_argument("data", help="FVQ-20K-layout root")

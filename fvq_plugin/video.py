@@ -153,8 +153,9 @@ def sample_and_dense(path: str | os.PathLike, n: int = 8, dense_n: int = 32, sho
 
 
 def all_frames(path: str | os.PathLike, backend: str = "auto", max_frames: int = 1200,
-               size: int | tuple[int, int] | None = None) -> Clip:
-    """Every frame of the video, in presentation order (FineVQ's motion input).
+               size: int | tuple[int, int] | None = None, first: int | None = None) -> Clip:
+    """Every frame of the video, in presentation order (FineVQ's motion input); with `first`, only the
+    first `first` frames (consecutive frames, e.g. for VIIDEO), whatever the video's length.
 
     `size` (an int, or (width, height)) stretches each frame, without cropping, with PIL's
     bicubic `Image.resize` (what FineVQ's `dynamic_preprocess(max_num=1)` does) as soon as it is
@@ -163,8 +164,8 @@ def all_frames(path: str | os.PathLike, backend: str = "auto", max_frames: int =
     with more than `max_frames` frames is refused (VideoReadError) before or while decoding.
     Frames are decoded in one sequential pass (no seeking); backend="auto" tries PyAV, then decord.
     """
-    if max_frames < 1:
-        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
+    if max_frames < 1 or (first is not None and first < 1):
+        raise ValueError(f"max_frames and first must be >= 1, got {max_frames} and {first}")
     if size is not None:
         size = (size, size) if isinstance(size, int) else tuple(size)
         if len(size) != 2 or min(size) < 1:
@@ -173,7 +174,9 @@ def all_frames(path: str | os.PathLike, backend: str = "auto", max_frames: int =
     info = probe(path, backend)  # checks the path and the backend, and counts frames cheaply
     too_many = (f"{{}} frames, more than max_frames={max_frames}: every frame is decoded and kept, so "
                 f"longer videos are refused to bound memory (raise max_frames, or trim the video)")
-    if info.n_frames > max_frames:
+    if first is not None:
+        max_frames = first
+    elif info.n_frames > max_frames:
         raise VideoReadError(path, too_many.format(info.n_frames))
     if info.backend == "image":
         frames = _read(path, backend, ((1, "centres"),))[2]
@@ -185,6 +188,8 @@ def all_frames(path: str | os.PathLike, backend: str = "auto", max_frames: int =
             out = _Frames(p, min(info.n_frames, max_frames))
             for frame in reader(p):
                 if len(out) == max_frames:
+                    if first is not None:
+                        break
                     raise VideoReadError(p, too_many.format(f"over {max_frames}"))
                 out.append(stretch(frame, size))
             if not out:

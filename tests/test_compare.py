@@ -1,0 +1,128 @@
+"""`fvq-rater compare`: the same statistics for every metric, agreeing outputs, resumable per metric."""
+import contextlib
+import csv
+import io
+import json
+import shutil
+
+import pytest
+
+from fvq_plugin.cli import main
+from fvq_plugin.compare import PREDICTIONS_DIR, format_table
+from fvq_plugin.scoring import Scorer, evaluate
+
+METRICS = "fvq_rater,piqe,niqe,viideo,brisque,topiq_nr"
+
+
+def compare(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(["compare", *map(str, argv)])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def frames_128(tmp_path_factory):
+    """A demo set whose frames are large enough for NIQE (96 px at least)."""
+    from fvq_plugin.demo_data import build_demo_set
+
+    root = tmp_path_factory.mktemp("demo-128") / "data"
+    build_demo_set(root, n_videos=60, seed=0, frames=12, size=128, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def compared(frames_128, checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare") / "out"
+    code, stdout, stderr = compare("--data", frames_128, "--split", "test", "--metrics", METRICS, "--weights", checkpoint,
+                                   "--out", out)
+    assert code == 0, stderr[-3000:]
+    return out, stdout
+
+
+def test_table_csv_and_json_agree_and_the_plot_is_written(compared, frames_128, checkpoint):
+    out, stdout = compared
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["metric"] for r in rows] == METRICS.split(",")
+    with open(out / "compare.csv", newline="") as file:
+        table = list(csv.DictReader(file))
+    for row, line in zip(rows, table):
+        for key, value in row.items():
+            assert line[key] == ("" if value is None else str(value)), (row["metric"], key)
+    assert format_table(rows) in stdout
+    by_name = {r["metric"]: r for r in rows}
+    for name in ("fvq_rater", "piqe", "niqe", "viideo"):  # the classic ones from parameters shipped in wheels
+        assert by_name[name]["status"] == "ok" and by_name[name]["scored"] == 9 and by_name[name]["failed"] == 0, name
+        assert by_name[name]["seconds_per_video"] > 0 and by_name[name]["peak_mb"] > 0
+        assert f"{by_name[name]['srcc']:.4f}" in stdout
+    for name in ("brisque", "topiq_nr"):  # their parameter files are a download away
+        assert by_name[name]["status"] == "unavailable" and f"--metric-weights {name}=PATH" in by_name[name]["reason"]
+        assert f"| {name} | unavailable: {by_name[name]['reason']}" in stdout
+    assert by_name["piqe"]["lower_better"] and "piqe (lower is better)" in stdout
+    # FVQ-Rater's row is the Scorer's evaluation of the same checkpoint.
+    report, _ = evaluate(Scorer.from_pretrained(checkpoint), frames_128, "test", progress=False)
+    assert by_name["fvq_rater"]["srcc"] == pytest.approx(report["srcc"])
+    assert (out / "compare.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_computes_only_a_metric_added_later(compared, frames_128, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(compared[0], out)
+    before = {p.name: p.read_bytes() for p in (out / PREDICTIONS_DIR).iterdir()}
+    code, stdout, stderr = compare("--data", frames_128, "--metrics", f"{METRICS},entropy", "--weights", checkpoint,
+                                   "--out", out, "--resume")
+    assert code == 0, stderr[-3000:]
+    after = {p.name: p.read_bytes() for p in (out / PREDICTIONS_DIR).iterdir()}
+    assert {name: after[name] for name in before} == before  # nothing recomputed, nothing appended
+    added = [name for name in after if name not in before and name.endswith(".jsonl")]
+    assert len(added) == 1 and added[0].startswith("entropy-") and len(after[added[0]].splitlines()) == 9
+    rows = {r["metric"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    old = {r["metric"]: r for r in json.loads((compared[0] / "compare.json").read_text())["rows"]}
+    assert rows["entropy"]["status"] == "ok" and rows["piqe"] == old["piqe"] and rows["fvq_rater"] == old["fvq_rater"]
+
+
+def test_an_interrupted_metric_resumes_where_it_stopped(compared, frames_128, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(compared[0], out)
+    piqe = next((out / PREDICTIONS_DIR).glob("piqe-*.jsonl"))
+    lines = piqe.read_text().splitlines()
+    piqe.write_text("\n".join(lines[:4]) + "\n" + lines[4][:20])  # killed while writing its fifth line
+    code, _, stderr = compare("--data", frames_128, "--metrics", "piqe", "--out", out, "--resume")
+    assert code == 0, stderr[-3000:]
+    rows = {r["metric"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    old = {r["metric"]: r for r in json.loads((compared[0] / "compare.json").read_text())["rows"]}
+    assert rows["piqe"]["srcc"] == old["piqe"]["srcc"] and rows["piqe"]["scored"] == 9
+
+
+def test_another_lmms_eval_model_is_a_column(compared, frames_128, checkpoint, tmp_path):
+    """Logged samples as lmms-eval writes them: the task's parsed score per video path (None: failed)."""
+    results = Scorer.from_pretrained(checkpoint).score(
+        [str(p) for p in sorted((frames_128 / "test" / "videos").iterdir())], progress=False)
+    samples = tmp_path / "samples_fvq20k.jsonl"
+    with samples.open("w") as file:
+        for i, result in enumerate(results):
+            answer = result["text"] if i else "[error] could not read the video"
+            file.write(json.dumps({"doc_id": i, "filtered_resps": answer,
+                                   "srcc": {"path": result["path"], "mos": 0, "pred": result["score"] if i else None}})
+                       + "\n")
+    code, stdout, stderr = compare("--data", frames_128, "--metrics", "piqe", "--out", tmp_path / "out",
+                                   "--lmms-eval-samples", f"other-lmm={samples}")
+    assert code == 0, stderr[-3000:]
+    row = {r["metric"]: r for r in json.loads((tmp_path / "out" / "compare.json").read_text())["rows"]}["other-lmm"]
+    assert row["scored"] == 8 and row["failed"] == 1 and "| other-lmm |" in stdout
+
+
+def test_usage_mistakes_are_said_before_any_work(compared, frames_128, tmp_path):
+    code, _, stderr = compare("--data", frames_128, "--metrics", "piqee", "--out", tmp_path / "o")
+    assert code == 2 and "unknown metric 'piqee'; did you mean piqe" in stderr
+    code, _, stderr = compare("--data", frames_128, "--metrics", "piqe", "--out", compared[0])
+    assert code == 2 and "holds a comparison already: add --resume" in stderr
+    code, _, stderr = compare("--data", frames_128, "--metric-weights", "niqe", "--out", tmp_path / "o")
+    assert code == 2 and "--metric-weights niqe: expected NAME=PATH" in stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_fvq_rater_without_weights_is_unavailable_and_the_rest_runs(frames_128, tmp_path, monkeypatch):
+    monkeypatch.delenv("FVQ_RATER_WEIGHTS", raising=False)
+    code, stdout, _ = compare("--data", frames_128, "--metrics", "fvq_rater,piqe", "--out", tmp_path / "o")
+    assert code == 0 and "| fvq_rater | unavailable: no FVQ-Rater weights" in stdout and "| piqe (lower" in stdout
