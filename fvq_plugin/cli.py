@@ -199,11 +199,11 @@ def _compare(args) -> int:
     check_metric_names(names)
     read_split(args.data, args.split)  # a broken dataset is reported before any metric loads
     # Without weights FVQ-Rater is listed as unavailable; weights that are given must be a checkpoint.
-    checkpoint = checkpoint_path(args.weights, "--weights DIR") if FVQ in names and (
-        args.weights or os.environ.get(WEIGHTS_ENV)) else None
+    if FVQ in names and FVQ not in weights and (args.weights or os.environ.get(WEIGHTS_ENV)):
+        weights[FVQ] = checkpoint_path(args.weights, "--weights DIR")
     specs = [MetricSpec(name, weights.get(name), args.frames, args.pool, args.device) for name in names]
-    result = compare(args.data, args.split, specs, args.out, checkpoint=checkpoint, lmms_samples=samples,
-                     resume=args.resume, batch_size=args.batch_size, progress=not args.json)
+    result = compare(args.data, args.split, specs, args.out, lmms_samples=samples, resume=args.resume,
+                     batch_size=args.batch_size, cache_dir=args.cache, progress=not args.json)
     if args.json:
         print(json.dumps(result["rows"]))
     else:
@@ -459,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument("--weights", help=f"FVQ-Rater checkpoint folder (default: env {WEIGHTS_ENV})")
     comparison.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     comparison.add_argument("--batch-size", type=int, default=8, help="FVQ-Rater videos per forward")
+    comparison.add_argument("--cache", help="FVQ-Rater's feature cache folder")
     comparison.add_argument("--json", action="store_true", help="print the results as JSON")
     comparison.set_defaults(run=_compare)
 

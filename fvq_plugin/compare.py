@@ -44,7 +44,7 @@ class MetricSpec:
     """One metric to compute and what its predictions depend on."""
 
     name: str
-    weights: str | None = None      # local weights / parameter file (pyiqa's pretrained_model_path)
+    weights: str | None = None      # local weights or parameter file (pyiqa's pretrained_model_path; fvq_rater's checkpoint)
     frames: int = 8                 # frames per video for frame metrics
     pool: str = "mean"
     device: str = "cpu"
@@ -126,10 +126,18 @@ def _first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0]}"
 
 
-def compute_metric(spec: MetricSpec, todo: list[tuple[str, str]], file: str, checkpoint=None,
-                   batch_size: int = 8, progress: bool = True) -> dict:
+def compute_metric(spec: MetricSpec, todo: list[tuple[str, str]], file: str, batch_size: int = 8, cache_dir=None,
+                   progress: bool = True) -> dict:
     """Predictions of one metric for (path, content) pairs, appended to `file` as they come; runs in a
     worker process. Returns the metric's direction and this process's peak memory."""
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):  # libraries' prints (pyiqa's "Downloading: ...") stay off stdout
+        return _compute_metric(spec, todo, file, batch_size, cache_dir, progress)
+
+
+def _compute_metric(spec, todo, file, batch_size, cache_dir, progress) -> dict:
     import resource
 
     from tqdm.auto import tqdm
@@ -137,7 +145,7 @@ def compute_metric(spec: MetricSpec, todo: list[tuple[str, str]], file: str, che
     if spec.name == FVQ:
         from .scoring import Scorer
 
-        scorer = Scorer.from_pretrained(checkpoint, device=spec.device, batch_size=batch_size)
+        scorer = Scorer.from_pretrained(spec.weights, device=spec.device, batch_size=batch_size, cache_dir=cache_dir)
         lower_better, step = False, batch_size
 
         def predict(chunk):
@@ -288,9 +296,12 @@ def _statistics(row: Row, mos_by_content: dict) -> None:
                           "rmse": rmse(pred, mos, fit=True)}
 
 
-def compare(root, split: str, specs: list[MetricSpec], out, checkpoint=None, lmms_samples: dict | None = None,
-            resume: bool = False, batch_size: int = 8, progress: bool = True) -> dict:
-    """Every metric on the split's videos: rows of statistics and costs, written to OUT as CSV, JSON and PNG."""
+def compare(root, split: str, specs: list[MetricSpec], out, lmms_samples: dict | None = None, resume: bool = False,
+            batch_size: int = 8, cache_dir=None, progress: bool = True) -> dict:
+    """Every metric on the split's videos: rows of statistics and costs, written to OUT as CSV, JSON and PNG.
+
+    `lmms_samples` maps column names to logged lmms-eval samples files; `cache_dir` is FVQ-Rater's feature cache.
+    """
     from .data import read_split
     from .scoring import FeatureCache
 
@@ -316,10 +327,10 @@ def compare(root, split: str, specs: list[MetricSpec], out, checkpoint=None, lmm
         done, errors, _ = read_predictions(file)
         todo = [(path, content) for path, content, _ in videos if content not in done and content not in errors]
         try:
-            if spec.name == FVQ and checkpoint is None:
+            if spec.name == FVQ and spec.weights is None:
                 raise Unavailable("no FVQ-Rater weights: pass --weights DIR or set FVQ_RATER_WEIGHTS")
             if todo:
-                run = _in_worker(compute_metric, spec, todo, str(file), checkpoint=checkpoint, batch_size=batch_size,
+                run = _in_worker(compute_metric, spec, todo, str(file), batch_size=batch_size, cache_dir=cache_dir,
                                  progress=progress)
                 previous = json.loads(run_file.read_text()) if run_file.is_file() else {}
                 run["peak_mb"] = max(run["peak_mb"], previous.get("peak_mb", 0))
