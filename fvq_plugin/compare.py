@@ -81,14 +81,10 @@ def _frame_metric(spec: MetricSpec):
     """A pyiqa no-reference metric as a function of one video's path -> pooled score, and its direction."""
     import pyiqa
     import torch
-    from pyiqa.default_model_configs import DEFAULT_CONFIGS
 
     from .classic import pyiqa_weights
     from .video import sample_frames
 
-    mode = DEFAULT_CONFIGS[spec.name].get("metric_mode")
-    if mode != "NR":
-        raise Unavailable(f"a {mode or 'non-NR'} metric needs a reference video, and compare has none")
     weights = pyiqa_weights(spec.name, spec.weights)
     try:
         metric = pyiqa.create_metric(spec.name, device=spec.device,
@@ -198,8 +194,23 @@ def _in_worker(function, *args, **kwargs):
             raise Unavailable("its worker process died (out of memory?)") from None
 
 
+def _check_runnable(spec: MetricSpec) -> None:
+    """Unavailable before a worker starts: FVQ-Rater without weights, a metric that needs a reference."""
+    from .classic import VIDEO_METRICS
+
+    if spec.name == FVQ:
+        if spec.weights is None:
+            raise Unavailable("no FVQ-Rater weights: pass --weights DIR or set FVQ_RATER_WEIGHTS")
+    elif spec.name not in VIDEO_METRICS:
+        from pyiqa.default_model_configs import DEFAULT_CONFIGS
+
+        mode = DEFAULT_CONFIGS[spec.name].get("metric_mode")
+        if mode != "NR":
+            raise Unavailable(f"a {mode or 'non-NR'} metric needs a reference video, and compare has none")
+
+
 def check_metric_names(names) -> None:
-    """Every name is fvq_rater or a pyiqa metric; a typo is named with the closest metrics, before any work."""
+    """Every name is fvq_rater, viideo or a pyiqa metric; a typo is named with the closest ones, before any work."""
     import difflib
 
     from pyiqa.default_model_configs import DEFAULT_CONFIGS
@@ -327,8 +338,7 @@ def compare(root, split: str, specs: list[MetricSpec], out, lmms_samples: dict |
         done, errors, _ = read_predictions(file)
         todo = [(path, content) for path, content, _ in videos if content not in done and content not in errors]
         try:
-            if spec.name == FVQ and spec.weights is None:
-                raise Unavailable("no FVQ-Rater weights: pass --weights DIR or set FVQ_RATER_WEIGHTS")
+            _check_runnable(spec)
             if todo:
                 run = _in_worker(compute_metric, spec, todo, str(file), batch_size=batch_size, cache_dir=cache_dir,
                                  progress=progress)

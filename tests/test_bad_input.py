@@ -184,3 +184,15 @@ def test_bad_input_lmms_eval_counts_failures_and_scores_the_rest(dataset, checkp
             assert path in answer and errors[path] in answer
         else:
             assert answer.startswith("The video quality is")
+
+
+def test_bad_input_compare_counts_failures_and_compares_the_rest(dataset, checkpoint, tmp_path, capsys):
+    root, cases = dataset
+    listed = {name: case for name, case in cases.items() if name not in NOT_IN_LABELS}
+    errors = sum(kind == "error" for _, (kind, _) in listed.values())
+    assert main(["compare", "--data", str(root), "--metrics", "fvq_rater,piqe", "--frames", "2", "--weights",
+                 str(checkpoint), "--out", str(tmp_path / "out"), "--json"]) == 0
+    rows = {row["metric"]: row for row in json.loads(capsys.readouterr().out)}
+    assert rows["fvq_rater"]["failed"] == errors and rows["fvq_rater"]["scored"] == len(listed) - errors
+    # PIQE fails on more: a 32-pixel-wide frame has no 16x16 block to score
+    assert rows["piqe"]["failed"] >= errors and rows["piqe"]["scored"] + rows["piqe"]["failed"] == len(listed)

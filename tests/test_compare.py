@@ -122,7 +122,9 @@ def test_usage_mistakes_are_said_before_any_work(compared, frames_128, tmp_path)
     assert not (tmp_path / "o").exists()
 
 
-def test_fvq_rater_without_weights_is_unavailable_and_the_rest_runs(frames_128, tmp_path, monkeypatch):
+def test_without_weights_fvq_rater_and_a_full_reference_metric_are_unavailable_and_the_rest_runs(
+        frames_128, tmp_path, monkeypatch):
     monkeypatch.delenv("FVQ_RATER_WEIGHTS", raising=False)
-    code, stdout, _ = compare("--data", frames_128, "--metrics", "fvq_rater,piqe", "--out", tmp_path / "o")
+    code, stdout, _ = compare("--data", frames_128, "--metrics", "fvq_rater,piqe,ssim", "--out", tmp_path / "o")
     assert code == 0 and "| fvq_rater | unavailable: no FVQ-Rater weights" in stdout and "| piqe (lower" in stdout
+    assert "| ssim | unavailable: a FR metric needs a reference video, and compare has none" in stdout
