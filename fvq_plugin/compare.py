@@ -257,13 +257,14 @@ def read_predictions(file: Path) -> tuple[dict, dict, list]:
     for line in file.read_text(encoding="utf-8").splitlines():
         try:
             entry = json.loads(line)
-        except json.JSONDecodeError:
+            content, taken = entry["content"], entry["seconds"]
+            if "pred" in entry:
+                predictions[content] = entry["pred"]
+            else:
+                errors[content] = entry["error"]
+        except (json.JSONDecodeError, KeyError, TypeError):
             continue  # a line cut short by a killed run: that video is computed again
-        if "pred" in entry:
-            predictions[entry["content"]] = entry["pred"]
-        else:
-            errors[entry["content"]] = entry["error"]
-        seconds.append(entry["seconds"])
+        seconds.append(taken)
     return predictions, errors, seconds
 
 
