@@ -388,10 +388,10 @@ def _add_runtime_args(parser, weights=True):
 
 
 class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
-    """Every default in --help, except the empty ones (None, off) and those the help already states."""
+    """Every default in --help, except the empty ones (None, off, none given) and those the help already states."""
 
     def _get_help_string(self, action):
-        if action.default in (None, False) or "default" in (action.help or ""):
+        if action.default in (None, False, []) or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument("--data", required=True, help="FVQ-20K-layout root")
     comparison.add_argument("--split", default="test", choices=["train", "val", "test"], help="split to compare on")
     comparison.add_argument("--metrics", default="fvq_rater,piqe",
-                            help="comma-separated: fvq_rater and no-reference pyiqa metric names")
+                            help="comma-separated: fvq_rater, viideo and no-reference pyiqa metric names")
     comparison.add_argument("--frames", type=int, default=8, help="frames per video for frame metrics")
     comparison.add_argument("--pool", choices=["mean", "median", "min"], default="mean",
                             help="per-video pooling of frame scores (min: the worst frame)")
