@@ -11,6 +11,8 @@ from pathlib import Path
 
 from .common import WEIGHTS_ENV
 
+COMPARE_POOLS = ("mean", "median", "min")  # the poolings compare._frame_metric knows
+
 DEMO_DIR = "fvq-demo"
 DEFAULT_VIDEOS = 400  # fvq_plugin.demo_data.DEFAULT_VIDEOS, without importing numpy/cv2 for --help
 ATTENTION = ("sdpa", "flash_attention_2", "eager")
@@ -189,8 +191,8 @@ def _compare(args) -> int:
     names = [name.strip() for name in args.metrics.split(",") if name.strip()]
     if not names and not args.lmms_eval_samples:
         raise UsageError("--metrics: name at least one metric, e.g. --metrics fvq_rater,piqe")
-    if args.frames < 1:
-        raise UsageError(f"--frames {args.frames}: give at least 1")
+    if args.frames < 1 or args.batch_size < 1:
+        raise UsageError(f"--frames {args.frames} --batch-size {args.batch_size}: give at least 1 of each")
     weights = _pairs(args.metric_weights, "--metric-weights")
     samples = _pairs(args.lmms_eval_samples, "--lmms-eval-samples", optional_name=True)
     for path in [*weights.values(), *samples.values()]:
@@ -447,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument("--metrics", default="fvq_rater,piqe",
                             help="comma-separated: fvq_rater, viideo and no-reference pyiqa metric names")
     comparison.add_argument("--frames", type=int, default=8, help="frames per video for frame metrics")
-    comparison.add_argument("--pool", choices=["mean", "median", "min"], default="mean",
+    comparison.add_argument("--pool", choices=COMPARE_POOLS, default="mean",
                             help="per-video pooling of frame scores (min: the worst frame)")
     comparison.add_argument("--out", default="fvq-compare", help="folder for compare.csv/.json/.png and predictions")
     comparison.add_argument("--resume", action="store_true",

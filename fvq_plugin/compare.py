@@ -28,7 +28,6 @@ from .common import file_digest, write_atomically
 from .errors import InputError
 
 FVQ = "fvq_rater"
-POOLS = ("mean", "median", "min")
 STATISTICS = ("srcc", "plcc", "krcc", "rmse")
 PREDICTIONS_DIR = "predictions"
 COLUMNS = ("metric", "status", "srcc", "plcc", "krcc", "rmse", "seconds_per_video", "peak_mb", "scored", "failed",
@@ -99,7 +98,7 @@ def _frame_metric(spec: MetricSpec):
         frames = sample_frames(path, spec.frames, sampling="centres").frames
         with torch.no_grad():
             values = metric(torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 255).flatten().cpu().numpy()
-        return float({"mean": np.mean, "median": np.median, "min": worst}[spec.pool](values))
+        return float({"mean": np.mean, "median": np.median, "min": worst}[spec.pool](values))  # cli.COMPARE_POOLS
 
     return score, lower_better
 
@@ -116,6 +115,13 @@ def _video_metric(spec: MetricSpec):
         return viideo_score(np.stack([cv2.cvtColor(frame, cv2.COLOR_RGB2GRAY) for frame in frames]))
 
     return score, False
+
+
+def _finite(prediction, error) -> tuple:
+    """(prediction, error) with a NaN or infinite prediction turned into an error."""
+    if error is None and not math.isfinite(prediction):
+        return None, f"the metric gave {prediction}"
+    return prediction, error
 
 
 def _first_line(error: BaseException) -> str:
@@ -145,7 +151,7 @@ def _compute_metric(spec, todo, file, batch_size, cache_dir, progress) -> dict:
         lower_better, step = False, batch_size
 
         def predict(chunk):
-            return [(r.get("score"), r.get("error")) for r in scorer.score([path for path, _ in chunk], progress=False)]
+            return [_finite(r.get("score"), r.get("error")) for r in scorer.score([path for path, _ in chunk], progress=False)]
     else:
         from .classic import VIDEO_METRICS
 
@@ -161,7 +167,7 @@ def _compute_metric(spec, todo, file, batch_size, cache_dir, progress) -> dict:
                 return [(None, failure.reason)]
             except Exception as failure:  # one video must not end the metric
                 return [(None, _first_line(failure))]
-            return [(value, None) if math.isfinite(value) else (None, f"the metric gave {value}")]
+            return [_finite(value, None)]
 
     with open(file, "a", encoding="utf-8") as sink, \
             tqdm(total=len(todo), desc=spec.name, unit="video", disable=not progress) as bar:
@@ -192,6 +198,10 @@ def _in_worker(function, *args, **kwargs):
             return pool.submit(function, *args, **kwargs).result()
         except BrokenProcessPool:
             raise Unavailable("its worker process died (out of memory?)") from None
+        except Unavailable:
+            raise
+        except Exception as error:  # it failed to load or run: this metric only
+            raise Unavailable(_first_line(error)[:300]) from None
 
 
 def _check_runnable(spec: MetricSpec) -> None:
@@ -234,7 +244,7 @@ class Row:
     status: str = "ok"
     reason: str = ""
     lower_better: bool = False
-    predictions: dict = field(default_factory=dict)   # content -> prediction
+    pairs: list = field(default_factory=list)   # (prediction, MOS) of each scored video of the split
     failed: int = 0
     seconds_per_video: float = math.nan
     peak_mb: float = math.nan
@@ -245,7 +255,7 @@ class Row:
         numbers = {**dict.fromkeys(STATISTICS, math.nan), **self.statistics,
                    "seconds_per_video": self.seconds_per_video, "peak_mb": self.peak_mb}
         numbers = {k: None if math.isnan(v) else float(v) for k, v in numbers.items()}
-        return {"metric": self.metric, "status": self.status, **numbers, "scored": len(self.predictions),
+        return {"metric": self.metric, "status": self.status, **numbers, "scored": len(self.pairs),
                 "failed": self.failed, "lower_better": self.lower_better, "reason": self.reason}
 
 
@@ -293,15 +303,14 @@ def lmms_eval_predictions(file) -> dict:
     return out
 
 
-def _statistics(row: Row, mos_by_content: dict) -> None:
+def _statistics(row: Row) -> None:
     from .metrics import krcc, plcc, rmse, srcc
 
-    contents = [c for c in row.predictions if c in mos_by_content]
-    if len(contents) < 3:
+    if len(row.pairs) < 3:
         return
     sign = -1.0 if row.lower_better else 1.0
-    pred = [sign * row.predictions[c] for c in contents]
-    mos = [mos_by_content[c] for c in contents]
+    pred = [sign * prediction for prediction, _ in row.pairs]
+    mos = [value for _, value in row.pairs]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # undefined correlations are NaN in the table
         row.statistics = {"srcc": srcc(pred, mos), "plcc": plcc(pred, mos, fit=True), "krcc": krcc(pred, mos),
@@ -323,13 +332,14 @@ def compare(root, split: str, specs: list[MetricSpec], out, lmms_samples: dict |
                          "only the missing ones), or choose another --out")
     (out / PREDICTIONS_DIR).mkdir(parents=True, exist_ok=True)
     records = read_split(root, split)
-    videos, unreadable = [], 0
+    videos = []
     for record in records:
         try:
             videos.append((str(record.path), FeatureCache.content_key(record.path), record))
         except OSError:
-            unreadable += 1
-    mos_by_content = {content: record.mos for _, content, record in videos}
+            continue  # unreadable: a failure of every metric
+    # Samples files are read before any metric runs: a bad one is said at once, not after hours of scoring.
+    logged = {label: lmms_eval_predictions(file) for label, file in (lmms_samples or {}).items()}
 
     rows = []
     for spec in specs:
@@ -337,7 +347,8 @@ def compare(root, split: str, specs: list[MetricSpec], out, lmms_samples: dict |
         file = out / PREDICTIONS_DIR / spec.file_name()
         run_file = file.with_suffix(".run.json")
         done, errors, _ = read_predictions(file)
-        todo = [(path, content) for path, content, _ in videos if content not in done and content not in errors]
+        # A video that failed before is tried again: its failure may have been this machine's (memory, an install).
+        todo = list(dict.fromkeys((path, content) for path, content, _ in videos if content not in done))
         try:
             _check_runnable(spec)
             if todo:
@@ -355,26 +366,28 @@ def compare(root, split: str, specs: list[MetricSpec], out, lmms_samples: dict |
             continue
         done, errors, seconds = read_predictions(file)
         row.lower_better, row.peak_mb = run["lower_better"], run["peak_mb"]
-        row.predictions = {c: p for c, p in done.items() if c in mos_by_content}
-        row.failed = sum(c in mos_by_content for c in errors) + unreadable
+        # Per record, so byte-identical videos count as often as the split lists them (as `eval` counts them).
+        row.pairs = [(done[content], record.mos) for _, content, record in videos if content in done]
+        row.failed = len(records) - len(row.pairs)
         row.seconds_per_video = float(np.mean(seconds)) if seconds else math.nan
-        _statistics(row, mos_by_content)
+        _statistics(row)
         rows.append(row)
 
-    for label, file in (lmms_samples or {}).items():
-        by_name = lmms_eval_predictions(file)
-        row = Row(label, reason=f"logged answers: {file}")
-        row.predictions = {content: by_name[record.name] for _, content, record in videos
-                           if by_name.get(record.name) is not None}
-        row.failed = len(records) - len(row.predictions)
-        _statistics(row, mos_by_content)
+    for label, by_name in logged.items():
+        row = Row(label, reason=f"logged answers: {lmms_samples[label]}")
+        names = [Path(os.path.normpath(record.name)).as_posix() for record in records]  # as the task logs them
+        if not set(names) & set(by_name):
+            row.status, row.reason = "unavailable", f"{lmms_samples[label]} logs none of this split's videos"
+        row.pairs = [(by_name[name], record.mos) for name, record in zip(names, records) if by_name.get(name) is not None]
+        row.failed = len(records) - len(row.pairs)
+        _statistics(row)
         rows.append(row)
 
     result = {"data": str(root), "split": split, "videos": len(records),
               "settings": [asdict(spec) for spec in specs], "rows": [row.record() for row in rows]}
     write_atomically(out / "compare.json", json.dumps(result, indent=2))
     write_csv(result["rows"], out / "compare.csv")
-    plot(rows, mos_by_content, out / "compare.png", title=f"{Path(root).name} / {split}: {len(records)} videos")
+    plot(rows, out / "compare.png", title=f"{Path(root).name} / {split}: {len(records)} videos")
     return result
 
 
@@ -412,32 +425,31 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], mos_by_content: dict, path, title: str) -> None:
+def plot(rows: list[Row], path, title: str) -> None:
     """One scatter panel per metric: prediction against MOS, the fitted logistic curve, SRCC in the title."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .metrics import logistic_fit
+    from .metrics import LOGISTIC_PARAMETERS, logistic_fit
 
-    shown = [row for row in rows if row.status == "ok" and len(row.predictions) >= 3]
+    shown = [row for row in rows if row.status == "ok" and len(row.pairs) >= 3]
     columns = min(3, max(1, len(shown)))
     lines = max(1, math.ceil(len(shown) / columns))
     figure, axes = plt.subplots(lines, columns, figsize=(4.2 * columns, 3.8 * lines), squeeze=False)
     for axis in axes.flat[len(shown):]:
         axis.axis("off")
     for axis, row in zip(axes.flat, shown):
-        contents = list(row.predictions)
-        pred = np.array([row.predictions[c] for c in contents])
-        mos = np.array([mos_by_content[c] for c in contents])
+        pred, mos = np.array(row.pairs, dtype=float).T
         axis.scatter(pred, mos, s=14, alpha=0.7, edgecolors="none")
-        order = np.argsort(pred)
-        sign = -1.0 if row.lower_better else 1.0
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            fitted = logistic_fit(sign * pred, mos)
-        axis.plot(pred[order], np.asarray(fitted)[order], color="tab:red", linewidth=1.5, label="logistic fit")
+        if len(pred) > LOGISTIC_PARAMETERS:  # with fewer points logistic_fit returns the predictions unmapped
+            order = np.argsort(pred)
+            sign = -1.0 if row.lower_better else 1.0
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                fitted = logistic_fit(sign * pred, mos)
+            axis.plot(pred[order], np.asarray(fitted)[order], color="tab:red", linewidth=1.5, label="logistic fit")
         srcc = row.statistics.get("srcc", math.nan)
         axis.set_title(f"{row.metric}   SRCC {srcc:.3f}", fontsize=11)
         axis.set_xlabel(f"{row.metric} score" + (" (lower is better)" if row.lower_better else ""))
