@@ -22,6 +22,18 @@ def write_atomically(path: str | os.PathLike, text: str) -> None:
     os.replace(partial, path)
 
 
+def open_for_appending(path: str | os.PathLike):
+    """`path` opened to append lines (JSONL results). A killed run may have left its last line cut short:
+    a newline is written first, so that line cannot swallow the next one (readers skip the broken line)."""
+    sink = open(path, "a", encoding="utf-8")
+    if sink.tell():
+        with open(path, "rb") as file:
+            file.seek(-1, os.SEEK_END)
+            if file.read(1) != b"\n":
+                sink.write("\n")
+    return sink
+
+
 def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     """Hex digest of a file's bytes, read in chunks (model files can be gigabytes)."""
     with open(path, "rb") as file:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import file_digest, write_atomically
+from .common import file_digest, open_for_appending, write_atomically
 from .errors import InputError
 
 FVQ = "fvq_rater"
@@ -169,10 +169,8 @@ def _compute_metric(spec, todo, file, batch_size, cache_dir, progress) -> dict:
                 return [(None, _first_line(failure))]
             return [_finite(value, None)]
 
-    with open(file, "a", encoding="utf-8") as sink, \
+    with open_for_appending(file) as sink, \
             tqdm(total=len(todo), desc=spec.name, unit="video", disable=not progress) as bar:
-        if sink.tell() and not Path(file).read_bytes().endswith(b"\n"):
-            sink.write("\n")  # a killed run's cut-off line must not swallow the next prediction
         for start in range(0, len(todo), step):
             chunk = todo[start:start + step]
             started = time.perf_counter()
@@ -259,23 +257,21 @@ class Row:
                 "failed": self.failed, "lower_better": self.lower_better, "reason": self.reason}
 
 
-def read_predictions(file: Path) -> tuple[dict, dict, list]:
-    """(content -> prediction, content -> error, seconds per video) from a predictions file."""
-    predictions, errors, seconds = {}, {}, []
+def read_predictions(file: Path) -> tuple[dict, list]:
+    """(content -> prediction, seconds per video of every line, failures included) from a predictions file."""
+    predictions, seconds = {}, []
     if not file.is_file():
-        return predictions, errors, seconds
+        return predictions, seconds
     for line in file.read_text(encoding="utf-8").splitlines():
         try:
             entry = json.loads(line)
-            content, taken = entry["content"], entry["seconds"]
-            if "pred" in entry:
-                predictions[content] = entry["pred"]
-            else:
-                errors[content] = entry["error"]
-        except (json.JSONDecodeError, KeyError, TypeError):
+            content, taken = entry["content"], float(entry["seconds"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue  # a line cut short by a killed run: that video is computed again
         seconds.append(taken)
-    return predictions, errors, seconds
+        if "pred" in entry:
+            predictions[content] = entry["pred"]
+    return predictions, seconds
 
 
 def lmms_eval_predictions(file) -> dict:
@@ -346,7 +342,7 @@ def compare(root, split: str, specs: list[MetricSpec], out, lmms_samples: dict |
         row = Row(spec.name)
         file = out / PREDICTIONS_DIR / spec.file_name()
         run_file = file.with_suffix(".run.json")
-        done, errors, _ = read_predictions(file)
+        done, _ = read_predictions(file)
         # A video that failed before is tried again: its failure may have been this machine's (memory, an install).
         todo = list(dict.fromkeys((path, content) for path, content, _ in videos if content not in done))
         try:
@@ -364,7 +360,7 @@ def compare(root, split: str, specs: list[MetricSpec], out, lmms_samples: dict |
             row.status, row.reason = "unavailable", str(reason)
             rows.append(row)
             continue
-        done, errors, seconds = read_predictions(file)
+        done, seconds = read_predictions(file)
         row.lower_better, row.peak_mb = run["lower_better"], run["peak_mb"]
         # Per record, so byte-identical videos count as often as the split lists them (as `eval` counts them).
         row.pairs = [(done[content], record.mos) for _, content, record in videos if content in done]

@@ -77,9 +77,8 @@ def _quote(text: str) -> str:
     return f"{text[:_QUOTE_MAX]!r}... ({len(text)} characters)"
 
 
-def _escapes(name: str) -> bool:
-    """True for names that would point outside the split's videos/ folder."""
-    parts = PurePosixPath(name.replace("\\", "/")).parts
+def _escapes(name: str, parts: tuple) -> bool:
+    """True for names that would point outside the split's videos/ folder (`parts`: the name split at / and \\)."""
     # Any Windows drive or root counts, not only absolute paths: `C:x.mp4` and `\\x.mp4` leave videos/ there.
     return PurePosixPath(name).is_absolute() or bool(PureWindowsPath(name).anchor) or ".." in parts
 
@@ -91,9 +90,10 @@ def _name_problem(name: str, videos: Path) -> str | None:
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         # A NUL cannot be in a file name, and other control characters garble the terminal the name is printed on.
         return f"video name {_quote(name)} contains a control character"
-    if _escapes(name):
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if _escapes(name, parts):
         return f"video name {_quote(name)} points outside {videos}"
-    longest = max((len(part.encode()) for part in PurePosixPath(name.replace("\\", "/")).parts), default=0)
+    longest = max((len(part.encode()) for part in parts), default=0)
     if len(name.encode()) > _PATH_MAX_BYTES or longest > _NAME_MAX_BYTES:
         return f"video name {_quote(name)} is too long for a file name ({_NAME_MAX_BYTES} bytes at most)"
     return None

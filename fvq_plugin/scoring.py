@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .common import file_digest, write_atomically
+from .common import file_digest, open_for_appending, write_atomically
 from .errors import InputError
 from .features import FeatureExtractor, model_inputs, video_flags
 from .video import VideoReadError, check_file
@@ -273,9 +273,7 @@ class Scorer:
         self.resumed = len(done)
         if done:
             log.info("resuming: %d of %d videos already scored in %s", len(done), len(paths), output)
-        sink = open(output, "a", encoding="utf-8") if output else None
-        if sink and sink.tell() and not Path(output).read_bytes().endswith(b"\n"):
-            sink.write("\n")  # a killed run's cut-off line must not swallow the next result
+        sink = open_for_appending(output) if output else None
         try:
             for items in extract_features(todo, self.extractor, self.cache_dir, self.batch_size, self.workers, progress,
                                           self.timeout_per_video):

@@ -13,13 +13,18 @@ TINY_FEATURES = dict(num_frames=4, image_size=32, face_backend="yunet-sface", te
                      temporal_size=32, temporal_frames=8)
 
 
-@pytest.fixture(scope="session")
-def demo_set(tmp_path_factory):
+def small_demo_set(tmp_path_factory, size: int = 64):
+    """A 60-video demo set (9 test videos) of 12 frames of `size` pixels."""
     from fvq_plugin.demo_data import build_demo_set
 
-    root = tmp_path_factory.mktemp("demo") / "data"
-    build_demo_set(root, n_videos=60, seed=0, frames=12, size=64, progress=False)
+    root = tmp_path_factory.mktemp(f"demo-{size}") / "data"
+    build_demo_set(root, n_videos=60, seed=0, frames=12, size=size, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def demo_set(tmp_path_factory):
+    return small_demo_set(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,8 @@ from fvq_plugin.cli import main
 from fvq_plugin.compare import PREDICTIONS_DIR, format_table
 from fvq_plugin.scoring import Scorer, evaluate
 
+from conftest import small_demo_set
+
 METRICS = "fvq_rater,piqe,niqe,viideo,brisque,topiq_nr"
 
 
@@ -24,11 +26,7 @@ def compare(*argv) -> tuple[int, str, str]:
 @pytest.fixture(scope="module")
 def frames_128(tmp_path_factory):
     """A demo set whose frames are large enough for NIQE (96 px at least)."""
-    from fvq_plugin.demo_data import build_demo_set
-
-    root = tmp_path_factory.mktemp("demo-128") / "data"
-    build_demo_set(root, n_videos=60, seed=0, frames=12, size=128, progress=False)
-    return root
+    return small_demo_set(tmp_path_factory, size=128)
 
 
 @pytest.fixture(scope="module")
