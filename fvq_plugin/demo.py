@@ -85,8 +85,10 @@ def run_demo(workdir, settings: DemoSettings | None = None, progress: bool = Tru
     lmms_started = time.perf_counter()
     lmms_report = lmms_eval_report(checkpoint, data_dir, cache_dir)
     timings["lmms_eval_s"] = time.perf_counter() - lmms_started
+    unseen = summary["splits"]["test"]["identities"]
     log(format_reports({"fvq-rater eval": report, "lmms-eval --tasks fvq20k": lmms_report},
-                       f"Test split ({report['scored'] + report['failed']} videos)"))
+                       f"Test split: {report['scored'] + report['failed']} videos of {len(unseen)} identities never seen "
+                       f"in training ({', '.join(unseen)})"))
 
     compare_started = time.perf_counter()
     # resume: a rerun in the same folder reuses the predictions, keyed by video content and each metric's settings

@@ -1,8 +1,9 @@
 """A synthetic face-video quality dataset in the FVQ-20K layout, for demos and tests.
 
-Every video is a smooth random pan/zoom over a still image that ships inside an installed
-package (insightface, scikit-image), degraded by up to seven degradations, each with a
-severity s_k in [0, 1] (0 = off):
+Every video is a smooth random pan/zoom over one face (an identity) in a photo that ships inside an
+installed package, given its own look (mirrored or not, hue, saturation, white balance, a soft side
+light: content, not quality) and degraded by up to seven degradations, each with a severity s_k in
+[0, 1] (0 = off):
 
     blur         gaussian blur, sigma up to 3.5 px
     noise        additive gaussian noise, std up to 40 grey levels
@@ -20,20 +21,36 @@ The label is a monotone decreasing function of the weighted total severity plus 
 S is drawn uniformly from [0, S_max] per video and split over 1-4 (more when they cannot carry
 it) random degradations, so MOS spans about 10..95, nearly pristine videos included.
 
+Splits are content-disjoint: the seed assigns whole identities to splits (2 to test, 1 to val, the
+rest to train), so the faces of the test split are never seen in training and its SRCC measures
+what a rater does on unseen faces. The identities (licences as their packages state them):
+
+    astronaut     scikit-image astronaut.png: Eileen Collins, NASA, public domain
+    camera        scikit-image camera.png: CC0, Lav Varshney
+    grace_hopper  matplotlib sample_data/grace_hopper.jpg: US Navy photograph, public domain
+    kodim04       pyiqa's ResultsCalibra/ref_dir/I04.bmp: Kodak PhotoCD image kodim04 (as cropped by
+                  TID2013), released by Kodak for unrestricted use
+    group_1..6    insightface data/images/t1.jpg, one identity per person, each cropped inside the part
+                  of the photo that shows no other face: no licence stated
+(insightface's Tom_Hanks_54745.png is left out: at 112x112 px every crop of it would be upscaled.)
+The no_face corner case uses scikit-image's coffee.png (CC0, Rachel Michetti), chelsea.png (CC0,
+Stefan van der Walt) and rocket.jpg (NASA, public domain). Nothing is downloaded or redistributed:
+the photos are read from the installed packages when the set is built.
+
 Layout: out_dir/{train,val,test}/labels.txt ("name,mos" lines) and out_dir/{split}/videos/<name>,
-split 80/5/15, plus out_dir/meta.json describing every video. The test split also holds a
-corner-case subset: face-free videos, several faces, portrait orientation, and very short clips.
-The same seed gives the same files byte for byte.
+split 80/5/15, plus out_dir/meta.json describing every video and the identities of every split.
+The test split also holds a corner-case subset: face-free videos, several faces (the test identities
+side by side), portrait orientation, and very short clips. The same seed gives the same files byte for byte.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import itertools
 import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -44,7 +61,7 @@ from fvq_plugin.data import SPLITS
 from fvq_plugin.errors import InputError
 from fvq_plugin.video import write_video
 
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 MARKER = ".fvq-demo-set"  # written first by every build: only folders holding it are ever replaced
 SPLIT_FRACTIONS = {"train": 0.80, "val": 0.05, "test": 0.15}
 # 400 videos: 320 to train on, 60 to test; a tiny rater generalises far better than from 160.
@@ -75,10 +92,11 @@ STUTTER_MAX_REPEAT = 0.8
 SHAKE_MAX_FRACTION = 0.06
 
 # Independent random streams per video, so a video never depends on the others or their order.
-PLAN_STREAM, RENDER_STREAM = 0, 1
+PLAN_STREAM, RENDER_STREAM, LOOK_STREAM = 0, 1, 2
+IDENTITY_STREAM = -1  # the seed's one draw of identities per split, not tied to a video
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Source:
     package: str
     relative_path: str
@@ -86,34 +104,95 @@ class Source:
     focus: tuple[float, float, float, float]
     # Crops are at most this many focus heights tall, so a face stays prominent.
     max_zoom_out: float = math.inf
+    # Region crops must stay inside: in a group photo, the part that shows no other face.
+    bounds: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)
+    # False where the face fills the image across, so no portrait-shaped crop can hold it.
+    fits_portrait: bool = True
 
     @property
     def label(self) -> str:
         return f"{self.package}:{self.relative_path}"
 
 
-# insightface's mask_*.jpg images are face-mask textures without a face, so they are not used.
-SOURCES = {
+# Sources and licences: the module docstring. insightface's mask_*.jpg images are face-mask textures
+# without a face, so they are not used.
+_FRIENDS = ("insightface", "data/images/t1.jpg")
+IDENTITIES = {
     "astronaut": Source("skimage", "data/astronaut.png", (0.32, 0.08, 0.56, 0.37), 3.5),
     "camera": Source("skimage", "data/camera.png", (0.30, 0.13, 0.52, 0.40), 3.5),
-    "tom_hanks": Source("insightface", "data/images/Tom_Hanks_54745.png", (0.15, 0.15, 0.85, 0.95)),
-    "friends": Source("insightface", "data/images/t1.jpg", (0.24, 0.17, 0.67, 0.47)),
+    "grace_hopper": Source("matplotlib", "mpl-data/sample_data/grace_hopper.jpg", (0.33, 0.16, 0.72, 0.59), 2.5),
+    "kodim04": Source("pyiqa", "../ResultsCalibra/ref_dir/I04.bmp", (0.36, 0.24, 0.78, 0.84), fits_portrait=False),
+    "group_1": Source(*_FRIENDS, (0.03, 0.28, 0.14, 0.47), 2.2, bounds=(0.0, 0.0, 0.17, 1.0)),
+    "group_2": Source(*_FRIENDS, (0.20, 0.14, 0.30, 0.33), 2.2, bounds=(0.17, 0.0, 0.325, 1.0)),
+    "group_3": Source(*_FRIENDS, (0.35, 0.28, 0.46, 0.49), 2.2, bounds=(0.325, 0.0, 0.518, 1.0)),
+    "group_4": Source(*_FRIENDS, (0.575, 0.37, 0.67, 0.55), 2.2, bounds=(0.518, 0.0, 0.68, 1.0)),
+    "group_5": Source(*_FRIENDS, (0.69, 0.045, 0.795, 0.24), 2.2, bounds=(0.68, 0.0, 0.835, 1.0)),
+    "group_6": Source(*_FRIENDS, (0.875, 0.29, 0.97, 0.47), 2.2, bounds=(0.835, 0.0, 1.0, 1.0)),
+}
+SCENES = {  # no face: the no_face corner case
     "coffee": Source("skimage", "data/coffee.png", (0.35, 0.35, 0.65, 0.65)),
     "chelsea": Source("skimage", "data/chelsea.png", (0.35, 0.35, 0.65, 0.65)),
     "rocket": Source("skimage", "data/rocket.jpg", (0.35, 0.35, 0.65, 0.65)),
 }
-SINGLE_FACE_SOURCES = ("astronaut", "camera", "tom_hanks")
-SOURCES_BY_CORNER_CASE = {
-    None: SINGLE_FACE_SOURCES,
-    "no_face": ("coffee", "chelsea", "rocket"),
-    "multi_face": ("friends",),
-    # Tom Hanks' face fills his square image, so no portrait crop can hold it.
-    "portrait": ("astronaut", "camera"),
-    "short": SINGLE_FACE_SOURCES,
-}
+SOURCES = {**IDENTITIES, **SCENES}
+# Identities per split; the rest train. Whole identities go to one split, so test faces are never seen in training.
+HELD_OUT_IDENTITIES = {"test": 2, "val": 1}
+# The multi_face corner case shows the test identities side by side (no photo in the packages holds only them).
+GROUP = "group_of_test_identities"
+
+# Content-preserving variation, so that a rater cannot key on an identity's photo: none of it changes the MOS.
+MAX_HUE_DEGREES, MAX_SATURATION_CHANGE, MAX_WHITE_BALANCE_CHANGE, MAX_LIGHT_RAMP = 12.0, 0.25, 0.08, 0.2
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
+class Look:
+    """How this video's copy of the photo looks (mirrored, colour cast, side light), not how good it is."""
+    flip: bool
+    hue_degrees: float
+    saturation: float
+    white_balance: tuple[float, float, float]  # gains on R, G, B
+    light_angle: float  # radians: the direction in which a soft light ramp brightens the frame
+    light_ramp: float   # brightness goes from 1 - light_ramp to 1 + light_ramp across the frame
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator) -> "Look":
+        def uniform(limit):
+            return round(float(rng.uniform(-limit, limit)), 4)
+
+        gains = 1.0 + rng.uniform(-MAX_WHITE_BALANCE_CHANGE, MAX_WHITE_BALANCE_CHANGE, 3)
+        return cls(flip=bool(rng.random() < 0.5), hue_degrees=uniform(MAX_HUE_DEGREES),
+                   saturation=round(1.0 + uniform(MAX_SATURATION_CHANGE), 4),
+                   white_balance=tuple(round(float(gain), 4) for gain in gains / gains.mean()),
+                   light_angle=round(float(rng.uniform(0, 2 * np.pi)), 4),
+                   light_ramp=round(float(rng.uniform(0, MAX_LIGHT_RAMP)), 4))
+
+    def colour_matrix(self) -> np.ndarray:
+        """RGB -> RGB: hue turn and saturation in YIQ's chroma plane, then the white balance gains."""
+        to_yiq = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+        angle = np.deg2rad(self.hue_degrees)
+        chroma = self.saturation * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        in_yiq = np.eye(3)
+        in_yiq[1:, 1:] = chroma
+        return np.diag(self.white_balance) @ np.linalg.inv(to_yiq) @ in_yiq @ to_yiq
+
+    def light_gain(self, width: int, height: int) -> np.ndarray:
+        x, y = np.meshgrid(np.linspace(-1, 1, width), np.linspace(-1, 1, height))
+        ramp = (x * np.cos(self.light_angle) + y * np.sin(self.light_angle)) / np.sqrt(2)
+        return (1.0 + self.light_ramp * ramp)[..., None].astype(np.float32)
+
+    def apply(self, frames: list[np.ndarray]) -> list[np.ndarray]:
+        height, width = frames[0].shape[:2]
+        matrix, gain = self.colour_matrix().astype(np.float32), self.light_gain(width, height)
+        looks = []
+        for frame in frames:
+            if self.flip:
+                frame = frame[:, ::-1]
+            frame = cv2.transform(frame.astype(np.float32), matrix) * gain
+            looks.append(np.clip(frame + 0.5, 0, 255).astype(np.uint8))
+        return looks
+
+
+@dataclasses.dataclass(frozen=True)
 class VideoPlan:
     index: int
     split: str
@@ -125,6 +204,7 @@ class VideoPlan:
     severities: dict[str, float]
     overexposed: bool
     mos_noise: float
+    look: Look
 
     @property
     def name(self) -> str:
@@ -210,11 +290,25 @@ def _draw_severities(rng: np.random.Generator) -> dict[str, float]:
     return severities
 
 
-def _plan_video(index: int, split: str, corner_case: str | None, seed: int,
+def assign_identities(seed: int) -> dict[str, tuple[str, ...]]:
+    """Which identities each split shows: HELD_OUT_IDENTITIES of them in test and val, the rest in train.
+
+    The test split needs an identity that fits a portrait crop (its portrait corner case); draws that
+    give it none are redrawn.
+    """
+    rng = np.random.default_rng([seed, IDENTITY_STREAM % 2**32])
+    names = sorted(IDENTITIES)
+    while True:
+        order = [names[i] for i in rng.permutation(len(names))]
+        test, val = HELD_OUT_IDENTITIES["test"], HELD_OUT_IDENTITIES["val"]
+        splits = {"train": order[test + val:], "val": order[test:test + val], "test": order[:test]}
+        if any(IDENTITIES[name].fits_portrait for name in splits["test"]):
+            return {split: tuple(sorted(members)) for split, members in splits.items()}
+
+
+def _plan_video(index: int, split: str, corner_case: str | None, source: str, seed: int,
                 frames: int, size: int) -> VideoPlan:
     rng = _video_rng(seed, index, PLAN_STREAM)
-    sources = SOURCES_BY_CORNER_CASE[corner_case]
-    source = sources[int(rng.integers(len(sources)))]
     width, height = size, size
     if corner_case == "portrait":
         width, height = (_even(size * factor) for factor in PORTRAIT_ASPECT)
@@ -222,12 +316,27 @@ def _plan_video(index: int, split: str, corner_case: str | None, seed: int,
         index=index, split=split, corner_case=corner_case, source=source,
         frames=SHORT_FRAMES if corner_case == "short" else frames, width=width, height=height,
         severities=_draw_severities(rng), overexposed=bool(rng.random() < 0.5),
-        mos_noise=round(float(rng.normal(0.0, MOS_NOISE_STD)), 4))
+        mos_noise=round(float(rng.normal(0.0, MOS_NOISE_STD)), 4),
+        look=Look.draw(_video_rng(seed, index, LOOK_STREAM)))
+
+
+def _slot_sources(slots: list[tuple[str, str | None]], identities: dict[str, tuple[str, ...]]) -> list[str]:
+    """The source of every slot: each split's identities in turn, so every identity gets a fair share."""
+    choices = {(split, None): identities[split] for split in SPLITS}
+    choices.update({("test", "short"): identities["test"], ("test", "no_face"): tuple(SCENES),
+                    ("test", "multi_face"): (GROUP,),
+                    ("test", "portrait"): tuple(name for name in identities["test"] if IDENTITIES[name].fits_portrait)})
+    used = dict.fromkeys(choices, 0)
+    sources = []
+    for slot in slots:
+        sources.append(choices[slot][used[slot] % len(choices[slot])])
+        used[slot] += 1
+    return sources
 
 
 def plan_videos(n_videos: int, seed: int, frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE,
                 corner_cases_per_kind: int = 2) -> list[VideoPlan]:
-    """Decide split, corner case, source, size and degradations of every video (no pixels yet)."""
+    """Decide split, corner case, source, look, size and degradations of every video (no pixels yet)."""
     corner_cases = [kind for kind in CORNER_CASES for _ in range(corner_cases_per_kind)]
     minimum = next(n for n in itertools.count(len(SPLITS)) if split_sizes(n)["test"] > len(corner_cases))
     if n_videos < minimum:
@@ -237,15 +346,16 @@ def plan_videos(n_videos: int, seed: int, frames: int = DEFAULT_FRAMES, size: in
     normal_test = sizes["test"] - len(corner_cases)
     slots = ([("train", None)] * sizes["train"] + [("val", None)] * sizes["val"]
              + [("test", kind) for kind in corner_cases] + [("test", None)] * normal_test)
+    sources = _slot_sources(slots, assign_identities(seed))
     # Shuffled so that a video's name tells nothing about its split.
     order = np.random.default_rng(seed).permutation(n_videos)
-    return [_plan_video(index, *slots[slot], seed=seed, frames=frames, size=size)
+    return [_plan_video(index, *slots[slot], sources[slot], seed=seed, frames=frames, size=size)
             for index, slot in enumerate(order)]
 
 
-def _centre_bounds(crop: np.ndarray, focus_lo: float, focus_hi: float, extent: int):
-    """Range of crop centres along one axis that keep the crop inside the image and the focus inside the crop."""
-    return np.maximum(crop / 2, focus_hi - crop / 2), np.minimum(extent - crop / 2, focus_lo + crop / 2)
+def _centre_bounds(crop: np.ndarray, focus_lo: float, focus_hi: float, lo: float, hi: float):
+    """Range of crop centres along one axis that keep the crop inside [lo, hi] and the focus inside the crop."""
+    return np.maximum(lo + crop / 2, focus_hi - crop / 2), np.minimum(hi - crop / 2, focus_lo + crop / 2)
 
 
 def _crop_windows(image_shape: tuple[int, ...], source: Source, plan: VideoPlan,
@@ -255,20 +365,25 @@ def _crop_windows(image_shape: tuple[int, ...], source: Source, plan: VideoPlan,
     image_h, image_w = image_shape[:2]
     aspect = plan.width / plan.height
     fx0, fy0, fx1, fy1 = np.multiply(source.focus, [image_w, image_h, image_w, image_h])
-    min_h = max(fy1 - fy0, (fx1 - fx0) / aspect)
-    max_h = min(image_h, image_w / aspect, source.max_zoom_out * (fy1 - fy0))
+    bx0, by0, bx1, by1 = np.multiply(source.bounds, [image_w, image_h, image_w, image_h])
+    # Never upscale: a crop with fewer pixels than the video would blur content its MOS calls pristine.
+    min_h = max(fy1 - fy0, (fx1 - fx0) / aspect, plan.height)
+    max_h = min(by1 - by0, (bx1 - bx0) / aspect, source.max_zoom_out * (fy1 - fy0))
     if min_h > max_h:
         raise ValueError(f"{source.label}: no {plan.width}x{plan.height} crop holds its focus region")
 
     def centre_ranges(crop_h):
-        return _centre_bounds(crop_h * aspect, fx0, fx1, image_w), _centre_bounds(crop_h, fy0, fy1, image_h)
+        return _centre_bounds(crop_h * aspect, fx0, fx1, bx0, bx1), _centre_bounds(crop_h, fy0, fy1, by0, by1)
 
     def random_window():
         crop_h = rng.uniform(min_h, max_h)
         (x_lo, x_hi), (y_lo, y_hi) = centre_ranges(crop_h)
         return np.array([rng.uniform(x_lo, x_hi), rng.uniform(y_lo, y_hi), crop_h])
 
-    start, end = random_window(), random_window()
+    start = random_window()
+    # The farthest of a few candidates: where the crop has little room, a single draw can land so close to the
+    # start that heavy blur and compression freeze the picture, which would read as stutter the MOS does not count.
+    end = max((random_window() for _ in range(3)), key=lambda window: np.abs(window - start).sum())
     t = np.linspace(0.0, 1.0, plan.frames)
     # Half linear, half cosine ease: smooth, yet every frame moves.
     progress = 0.5 * t + 0.25 * (1.0 - np.cos(np.pi * t))
@@ -337,13 +452,48 @@ def _encoder_settings(severity: float) -> dict[str, int]:
     return {"bit_rate": round(BITRATE_BEST * (BITRATE_WORST / BITRATE_BEST) ** severity)}
 
 
-def render_video(plan: VideoPlan, seed: int, path: Path, image: np.ndarray) -> None:
+def compose_group(names: tuple[str, ...], images: dict[str, np.ndarray]) -> tuple[Source, np.ndarray]:
+    """The identities `names` side by side at one face height, and a source whose focus holds every face.
+
+    The canvas is as tall as the row of faces is wide, so a square crop holds them all; where a photo
+    has too little context above or below its face, its edge rows are repeated (never mirrored: no extra face).
+    """
+    face_height, margin = 80, 0.5  # face heights of context kept around each face
+    parts, focus = [], []
+    for name in names:
+        source, image = IDENTITIES[name], images[name]
+        image_h, image_w = image.shape[:2]
+        fx0, fy0, fx1, fy1 = np.multiply(source.focus, [image_w, image_h, image_w, image_h])
+        bx0, by0, bx1, by1 = np.multiply(source.bounds, [image_w, image_h, image_w, image_h])
+        pad = margin * (fy1 - fy0)
+        x0, y0 = round(max(bx0, fx0 - pad)), round(max(by0, fy0 - pad))
+        x1, y1 = round(min(bx1, fx1 + pad)), round(min(by1, fy1 + pad))
+        scale = face_height / (fy1 - fy0)
+        offset = sum(part.shape[1] for part in parts)
+        parts.append(cv2.resize(image[y0:y1, x0:x1], (round((x1 - x0) * scale), round((y1 - y0) * scale)),
+                                interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR))
+        focus.append([offset + (fx0 - x0) * scale, (fy0 - y0) * scale, offset + (fx1 - x0) * scale, (fy1 - y0) * scale])
+    focus = np.array(focus)
+    width = sum(part.shape[1] for part in parts)
+    height = max(width, *(part.shape[0] for part in parts))
+    padded = []
+    for part, box in zip(parts, focus):
+        above = (height - part.shape[0]) // 2
+        padded.append(cv2.copyMakeBorder(part, above, height - part.shape[0] - above, 0, 0, cv2.BORDER_REPLICATE))
+        box[[1, 3]] += above
+    group = np.hstack(padded)
+    corners = (*focus[:, :2].min(axis=0), *focus[:, 2:].max(axis=0))
+    fractions = tuple(float(value) for value in np.divide(corners, [width, height] * 2))
+    return Source("composite", "+".join(names), fractions), group
+
+
+def render_video(plan: VideoPlan, seed: int, path: Path, source: Source, image: np.ndarray) -> None:
     """Write the video `plan` describes, from its source image (RGB uint8), to `path`."""
     rng = _video_rng(seed, plan.index, RENDER_STREAM)
-    windows = _crop_windows(image.shape, SOURCES[plan.source], plan, rng)
+    windows = _crop_windows(image.shape, source, plan, rng)
     exposure = _exposure_table(plan.severities["exposure"], plan.overexposed)
-    frames = [_degrade_frame(crop, plan, exposure, rng)
-              for crop in _render_crops(image, windows, plan.width, plan.height)]
+    crops = _render_crops(image, windows, plan.width, plan.height)
+    frames = [_degrade_frame(crop, plan, exposure, rng) for crop in plan.look.apply(crops)]
     shown = _stutter_indices(plan.frames, plan.severities["stutter"], rng)
     write_video(path, (frames[i] for i in shown), fps=FPS, **_encoder_settings(plan.severities["compression"]))
 
@@ -366,10 +516,28 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         (out_dir / split / "videos").mkdir(parents=True, exist_ok=True)
 
 
-def _video_meta(plan: VideoPlan) -> dict:
+def _load_sources(plans: list[VideoPlan], identities: dict[str, tuple[str, ...]]) -> dict[str, tuple[Source, np.ndarray]]:
+    """Source and RGB image of every source the plans use, the composed group of test identities included."""
+    names = {plan.source for plan in plans}
+    needed = sorted(names - {GROUP} | (set(identities["test"]) if GROUP in names else set()))
+    images = {name: load_source_image(name) for name in needed}
+    sources = {name: (SOURCES[name], images[name]) for name in names - {GROUP}}
+    if GROUP in names:
+        sources[GROUP] = compose_group(identities["test"], images)
+    return sources
+
+
+def _shown_identities(plan: VideoPlan, identities: dict[str, tuple[str, ...]]) -> list[str]:
+    if plan.source == GROUP:
+        return list(identities["test"])
+    return [plan.source] if plan.source in IDENTITIES else []
+
+
+def _video_meta(plan: VideoPlan, identities: dict[str, tuple[str, ...]]) -> dict:
+    label = "composite:" + "+".join(identities["test"]) if plan.source == GROUP else SOURCES[plan.source].label
     return {
-        "name": plan.name, "split": plan.split, "source": SOURCES[plan.source].label,
-        "corner_case": plan.corner_case, "severities": plan.severities,
+        "name": plan.name, "split": plan.split, "source": label, "identities": _shown_identities(plan, identities),
+        "look": dataclasses.asdict(plan.look), "corner_case": plan.corner_case, "severities": plan.severities,
         "exposure_direction": "over" if plan.overexposed else "under",
         "total_severity": plan.total_severity,
         "mos_inputs": {"S": plan.total_severity, "S_max": S_MAX, "noise": plan.mos_noise},
@@ -377,12 +545,16 @@ def _video_meta(plan: VideoPlan) -> dict:
     }
 
 
-def _write_labels_and_meta(out_dir: Path, plans: list[VideoPlan], seed: int) -> None:
+def _write_labels_and_meta(out_dir: Path, plans: list[VideoPlan], seed: int,
+                           identities: dict[str, tuple[str, ...]]) -> None:
     for split in SPLITS:
         lines = [f"{plan.name},{plan.mos:.2f}\n" for plan in plans if plan.split == split]
         (out_dir / split / "labels.txt").write_text("".join(lines))
     meta = {"builder_version": BUILDER_VERSION, "seed": seed, "mos_formula": MOS_FORMULA,
-            "severity_weights": SEVERITY_WEIGHTS, "videos": [_video_meta(plan) for plan in plans]}
+            "severity_weights": SEVERITY_WEIGHTS,
+            "identities": {split: list(identities[split]) for split in SPLITS},
+            "identity_sources": {name: IDENTITIES[name].label for name in sorted(IDENTITIES)},
+            "videos": [_video_meta(plan, identities) for plan in plans]}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
@@ -394,6 +566,7 @@ def _summarize(videos: list[dict], out_dir: Path, seed: int, elapsed_s: float) -
         mos = np.array([video["mos"] for video in members])
         splits[split] = {
             "count": len(members),
+            "identities": sorted({name for video in members for name in video["identities"]}),
             "corner_cases": {kind: sum(video["corner_case"] == kind for video in members) for kind in CORNER_CASES},
             "mos_min": float(mos.min()), "mos_mean": round(float(mos.mean()), 2), "mos_max": float(mos.max()),
         }
@@ -435,21 +608,23 @@ def build_demo_set(out_dir, n_videos: int = DEFAULT_VIDEOS, seed: int = 0, progr
     out_dir = Path(out_dir)
     plans = plan_videos(n_videos, seed, frames, size, corner_cases_per_kind)
     _prepare_out_dir(out_dir, overwrite)
-    images = {key: load_source_image(key) for key in sorted({plan.source for plan in plans})}
+    identities = assign_identities(seed)
+    sources = _load_sources(plans, identities)
     for plan in tqdm(plans, desc="demo videos", unit="video", disable=not progress):
-        render_video(plan, seed, out_dir / plan.split / "videos" / plan.name, images[plan.source])
-    _write_labels_and_meta(out_dir, plans, seed)
-    return _summarize([_video_meta(plan) for plan in plans], out_dir, seed, time.perf_counter() - start)
+        render_video(plan, seed, out_dir / plan.split / "videos" / plan.name, *sources[plan.source])
+    _write_labels_and_meta(out_dir, plans, seed, identities)
+    return _summarize([_video_meta(plan, identities) for plan in plans], out_dir, seed, time.perf_counter() - start)
 
 
 def format_summary(summary: dict) -> str:
     """A short table of a build_demo_set summary."""
-    rows = [f"{'split':<6} {'videos':>6} {'corner':>6} {'MOS min':>8} {'mean':>6} {'max':>6}"]
+    rows = [f"{'split':<6} {'videos':>6} {'faces':>6} {'corner':>6} {'MOS min':>8} {'mean':>6} {'max':>6}"]
     for split, stats in summary["splits"].items():
-        rows.append(f"{split:<6} {stats['count']:>6} {sum(stats['corner_cases'].values()):>6} "
+        rows.append(f"{split:<6} {stats['count']:>6} {len(stats['identities']):>6} {sum(stats['corner_cases'].values()):>6} "
                     f"{stats['mos_min']:>8.2f} {stats['mos_mean']:>6.2f} {stats['mos_max']:>6.2f}")
     corner = ", ".join(f"{kind} {count}" for kind, count in summary["splits"]["test"]["corner_cases"].items())
     rows.append(f"test corner cases: {corner}")
+    rows.append("faces: identities per split; no identity is in two splits")
     rows.append(f"{summary['n_videos']} videos (seed {summary['seed']}), "
                 f"{summary['size_bytes'] / 1e6:.1f} MB in {summary['out_dir']}"
                 + ("" if summary["elapsed_s"] is None else f", built in {summary['elapsed_s']:.1f} s"))

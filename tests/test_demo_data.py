@@ -85,9 +85,64 @@ def test_corner_cases_flagged_in_test_split(built):
         kind = video["corner_case"]
         assert (kind == "portrait") == (height > width)
         assert (kind == "short") == (video["frames"] < 8)
-        assert (kind == "multi_face") == video["source"].endswith("t1.jpg")
+        assert (kind == "multi_face") == (len(video["identities"]) > 1)
+        if kind == "multi_face":
+            assert video["identities"] == meta["identities"]["test"] and video["source"].startswith("composite:")
+        assert (kind == "no_face") == (video["identities"] == [])
         if kind == "no_face":
             assert video["source"].split("/")[-1] in {"coffee.png", "chelsea.png", "rocket.jpg"}
+
+
+def assert_content_disjoint(meta: dict) -> None:
+    """No identity is in two splits, and every video shows only identities of its own split."""
+    assigned = meta["identities"]
+    assert sorted(name for split in SPLITS for name in assigned[split]) == sorted(demo_data.IDENTITIES)
+    assert {split: len(assigned[split]) for split in ("val", "test")} == demo_data.HELD_OUT_IDENTITIES
+    for video in meta["videos"]:
+        assert set(video["identities"]) <= set(assigned[video["split"]]), video["name"]
+    for split in SPLITS:  # every identity of a split is shown in it
+        shown = {name for video in meta["videos"] if video["split"] == split for name in video["identities"]}
+        assert shown == set(assigned[split])
+
+
+def test_splits_are_content_disjoint_and_seeds_assign_identities_differently(built, tmp_path):
+    from fvq_plugin.cli import main
+
+    meta = built[2]
+    assert_content_disjoint(meta)
+    assert main(["make-demo-data", str(tmp_path / "other"), "--videos", "60", "--seed", "4"]) == 0
+    other = json.loads((tmp_path / "other" / "meta.json").read_text())
+    assert_content_disjoint(other)
+    assert other["identities"]["test"] != meta["identities"]["test"]
+    for seed in range(20):  # every seed's test split fits its portrait corner case
+        assert any(demo_data.IDENTITIES[name].fits_portrait for name in demo_data.assign_identities(seed)["test"])
+
+
+def test_every_identity_is_one_face_inside_its_focus_and_bounds():
+    """The focus box holds the identity's face, and its bounds (the crop limits) show no other face."""
+    from fvq_plugin.features.face import FaceFeatures
+
+    detector = FaceFeatures("yunet-sface")
+    for name, source in demo_data.IDENTITIES.items():
+        image = demo_data.load_source_image(name)
+        height, width = image.shape[:2]
+        x0, y0, x1, y1 = np.round(np.multiply(source.bounds, [width, height] * 2)).astype(int)
+        boxes = detector.detect(image[y0:y1, x0:x1])[0] + [x0, y0, x0, y0]
+        assert len(boxes) == 1, (name, boxes)
+        centre_x, centre_y = (boxes[0, :2] + boxes[0, 2:]) / 2 / [width, height]
+        fx0, fy0, fx1, fy1 = source.focus
+        assert fx0 < centre_x < fx1 and fy0 < centre_y < fy1, name
+
+
+def test_a_plain_look_leaves_frames_alone_and_looks_vary():
+    frame = demo_data.load_source_image("astronaut")[:96, :128]
+    plain = demo_data.Look(flip=False, hue_degrees=0.0, saturation=1.0, white_balance=(1.0, 1.0, 1.0),
+                           light_angle=0.0, light_ramp=0.0)
+    assert np.abs(plain.apply([frame])[0].astype(int) - frame).max() <= 1
+    assert np.array_equal(demo_data.Look(**{**plain.__dict__, "flip": True}).apply([frame])[0], frame[:, ::-1])
+    plans = plan_videos(60, seed=0, frames=10, size=64)
+    assert 0.2 < np.mean([plan.look.flip for plan in plans]) < 0.8
+    assert len({plan.look.hue_degrees for plan in plans}) == len(plans)
 
 
 def record_encoder_inputs(monkeypatch) -> dict[str, str]:
@@ -141,8 +196,9 @@ def test_videos_decode_with_expected_frames_and_size(built):
         width, height = video["size"]
         assert len(frames) == video["frames"]
         assert all(frame.shape == (height, width, 3) for frame in frames)
-        if video["severities"]["stutter"] == 0:
-            # The camera moves, so without frame drops no two consecutive frames are alike.
+        if video["severities"]["stutter"] == 0 and video["severities"]["compression"] < 0.5:
+            # The camera moves, so without frame drops no two consecutive frames are alike (an encoder starved of
+            # bits may repeat a frame that barely moved, which is what low-bitrate video looks like).
             assert all(np.any(a != b) for a, b in zip(frames, frames[1:]))
 
 
