@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fvq_plugin.cli import main
-from fvq_plugin.data import SPLITS, read_split
+from fvq_plugin.data import read_split
 from fvq_plugin.metrics import srcc
 from fvq_plugin.scoring import Scorer
 
@@ -20,16 +20,20 @@ from bad_inputs import HangOn, encode
 
 pytestmark = pytest.mark.reliability
 
-# Held-out SRCC of the tiny rater trained as below, measured on training seeds 0-6: 0.615, 0.587, 0.609,
-# 0.445, 0.553, 0.570, 0.580. By chance (80 videos) SRCC exceeds 0.3 with probability 0.004; a rater
-# whose output is constant has no SRCC at all (NaN), and an untrained one outputs a constant.
-LEARNED_SRCC = 0.3
+# SRCC on identities the tiny rater never saw, trained as below, measured on demo seeds 0-4 (the suite uses 0):
+# 0.67, 0.30, 0.51, 0.43, 0.43. By chance (48 videos) SRCC exceeds 0.25 with probability 0.04; a rater whose
+# output is constant has no SRCC at all (NaN), and an untrained one outputs a constant.
+LEARNED_SRCC = 0.25
 
 
 @pytest.fixture(scope="module")
 def learning(tmp_path_factory):
-    """A tiny rater trained (stage I 1 epoch, stage II 5) on a 160-video demo set, its extractor, and
-    80 held-out videos of another demo seed (the same source photos, other degradations and crops)."""
+    return train_on_some_identities(tmp_path_factory.mktemp("learning"), seed=0)
+
+
+def train_on_some_identities(folder, seed: int):
+    """A tiny rater trained (stage I 1 epoch, stage II 12) on the train split of a 240-video demo set, its
+    extractor, and the 48 videos of the set's val and test splits: three identities the rater never saw."""
     from fvq_plugin.demo import DEMO_RECIPE
     from fvq_plugin.demo_data import build_demo_set
     from fvq_plugin.features import FeatureConfig, FeatureExtractor
@@ -37,21 +41,18 @@ def learning(tmp_path_factory):
     from fvq_plugin.tiny import tiny_rater
     from fvq_plugin.train import TrainConfig, train
 
-    folder = tmp_path_factory.mktemp("learning")
-    build_demo_set(folder / "train", n_videos=160, seed=0, frames=8, size=64, progress=False)
-    build_demo_set(folder / "held", n_videos=80, seed=1, frames=8, size=64, progress=False)
+    data = folder / "data"
+    build_demo_set(data, n_videos=240, seed=seed, frames=8, size=64, progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random SlowFast: said loudly, tested elsewhere
         extractor = FeatureExtractor(FeatureConfig(num_frames=4, image_size=64, temporal_random=True,
                                                    temporal_preprocess="kinetics", temporal_size=32, temporal_frames=8))
-    cache = folder / "cache"
-    train_set = split_features(folder / "train", "train", extractor, cache, progress=False)[:2]
-    val_set = split_features(folder / "train", "val", extractor, cache, progress=False)[:2]
+    train_set = split_features(data, "train", extractor, folder / "cache", progress=False)[:2]
     model = tiny_rater(extractor, seed=0, recipe=DEMO_RECIPE)
-    for stage, epochs in ((1, 1), (2, 5)):
-        train(model, extractor.preparer.spatial, train_set, val_set, TrainConfig(stage=stage, epochs=epochs, lr=1e-3),
+    for stage, epochs in ((1, 1), (2, 12)):
+        train(model, extractor.preparer.spatial, train_set, None, TrainConfig(stage=stage, epochs=epochs, lr=1e-3),
               folder / f"stage{stage}", progress=False)
-    held = [record for split in SPLITS for record in read_split(folder / "held", split)]
+    held = [record for split in ("val", "test") for record in read_split(data, split)]
     return model, extractor, held
 
 
