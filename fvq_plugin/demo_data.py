@@ -533,10 +533,9 @@ def _shown_identities(plan: VideoPlan, identities: dict[str, tuple[str, ...]]) -
     return [plan.source] if plan.source in IDENTITIES else []
 
 
-def _video_meta(plan: VideoPlan, identities: dict[str, tuple[str, ...]]) -> dict:
-    label = "composite:" + "+".join(identities["test"]) if plan.source == GROUP else SOURCES[plan.source].label
+def _video_meta(plan: VideoPlan, identities: dict[str, tuple[str, ...]], source: Source) -> dict:
     return {
-        "name": plan.name, "split": plan.split, "source": label, "identities": _shown_identities(plan, identities),
+        "name": plan.name, "split": plan.split, "source": source.label, "identities": _shown_identities(plan, identities),
         "look": dataclasses.asdict(plan.look), "corner_case": plan.corner_case, "severities": plan.severities,
         "exposure_direction": "over" if plan.overexposed else "under",
         "total_severity": plan.total_severity,
@@ -546,7 +545,7 @@ def _video_meta(plan: VideoPlan, identities: dict[str, tuple[str, ...]]) -> dict
 
 
 def _write_labels_and_meta(out_dir: Path, plans: list[VideoPlan], seed: int,
-                           identities: dict[str, tuple[str, ...]]) -> None:
+                           identities: dict[str, tuple[str, ...]], videos: list[dict]) -> None:
     for split in SPLITS:
         lines = [f"{plan.name},{plan.mos:.2f}\n" for plan in plans if plan.split == split]
         (out_dir / split / "labels.txt").write_text("".join(lines))
@@ -554,7 +553,7 @@ def _write_labels_and_meta(out_dir: Path, plans: list[VideoPlan], seed: int,
             "severity_weights": SEVERITY_WEIGHTS,
             "identities": {split: list(identities[split]) for split in SPLITS},
             "identity_sources": {name: IDENTITIES[name].label for name in sorted(IDENTITIES)},
-            "videos": [_video_meta(plan, identities) for plan in plans]}
+            "videos": videos}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
@@ -612,8 +611,9 @@ def build_demo_set(out_dir, n_videos: int = DEFAULT_VIDEOS, seed: int = 0, progr
     sources = _load_sources(plans, identities)
     for plan in tqdm(plans, desc="demo videos", unit="video", disable=not progress):
         render_video(plan, seed, out_dir / plan.split / "videos" / plan.name, *sources[plan.source])
-    _write_labels_and_meta(out_dir, plans, seed, identities)
-    return _summarize([_video_meta(plan, identities) for plan in plans], out_dir, seed, time.perf_counter() - start)
+    videos = [_video_meta(plan, identities, sources[plan.source][0]) for plan in plans]
+    _write_labels_and_meta(out_dir, plans, seed, identities, videos)
+    return _summarize(videos, out_dir, seed, time.perf_counter() - start)
 
 
 def format_summary(summary: dict) -> str:

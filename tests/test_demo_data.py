@@ -1,3 +1,4 @@
+import dataclasses
 import hashlib
 import json
 import re
@@ -139,7 +140,7 @@ def test_a_plain_look_leaves_frames_alone_and_looks_vary():
     plain = demo_data.Look(flip=False, hue_degrees=0.0, saturation=1.0, white_balance=(1.0, 1.0, 1.0),
                            light_angle=0.0, light_ramp=0.0)
     assert np.abs(plain.apply([frame])[0].astype(int) - frame).max() <= 1
-    assert np.array_equal(demo_data.Look(**{**plain.__dict__, "flip": True}).apply([frame])[0], frame[:, ::-1])
+    assert np.array_equal(dataclasses.replace(plain, flip=True).apply([frame])[0], frame[:, ::-1])
     plans = plan_videos(60, seed=0, frames=10, size=64)
     assert 0.2 < np.mean([plan.look.flip for plan in plans]) < 0.8
     assert len({plan.look.hue_degrees for plan in plans}) == len(plans)
