@@ -8,6 +8,7 @@ STREAMS = ("spatial", "portrait", "face", "temporal")
 LEVELS = ("bad", "poor", "fair", "good", "excellent")
 
 WEIGHTS_ENV = "FVQ_RATER_WEIGHTS"        # an FVQ-Rater checkpoint folder
+LITE_WEIGHTS_ENV = "FVQ_RATER_LITE_WEIGHTS"  # an fvq_rater_lite (student) checkpoint folder
 FACE_MODELS_ENV = "FVQ_FACE_MODELS"      # a folder of insightface ONNX models
 DATA_ROOT_ENV = "FVQ20K_ROOT"            # the FVQ-20K root the lmms-eval tasks read
 DISCOVERY_ENV = "FVQ_PLUGIN_DISCOVERY"   # 0 turns off the import hook that registers the plugin
@@ -38,3 +39,15 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
     """Hex digest of a file's bytes, read in chunks (model files can be gigabytes)."""
     with open(path, "rb") as file:
         return hashlib.file_digest(file, algorithm).hexdigest()
+
+
+def video_flags(info: dict) -> list[str]:
+    """What a score should be read with: the video was too short for the sampled frames (or is an
+    image), no sampled frame showed a face (the face stream then carries the learned no-face token),
+    or some frame showed several faces (the most prominent one was embedded)."""
+    flags = ["repeated_frames"] if info.get("repeated") else []
+    if info.get("face_frames") == 0:
+        flags.append("no_face")
+    if info.get("most_faces", 0) > 1:
+        flags.append("multiple_faces")
+    return flags

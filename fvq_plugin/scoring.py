@@ -18,16 +18,18 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .common import file_digest, open_for_appending, write_atomically
+from .common import file_digest, open_for_appending, video_flags, write_atomically
 from .errors import InputError
-from .features import FeatureExtractor, model_inputs, video_flags
 from .video import VideoReadError, check_file
+
+if TYPE_CHECKING:  # the feature pipeline (torchvision) loads with the first FVQ-Rater, not with this module
+    from .features import FeatureExtractor
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +237,7 @@ class Scorer:
         Without a device_map the backbone loads straight onto `device` (no copy built on the CPU first);
         with one (e.g. "auto") it stays where accelerate dispatched it. LoRA is merged for inference.
         """
-        from .features import FeatureConfig
+        from .features import FeatureConfig, FeatureExtractor
         from .model import FVQRater
 
         model = FVQRater.from_pretrained(checkpoint, dtype=dtype, device_map=device_map or {"": str(device)},
@@ -250,7 +252,9 @@ class Scorer:
 
     @torch.no_grad()
     def score_features(self, features: list[dict]) -> list[dict]:
-        """The rater's predictions, each with the video's `info` and `flags` (see features.video_flags)."""
+        """The rater's predictions, each with the video's `info` and `flags` (see common.video_flags)."""
+        from .features import model_inputs
+
         batch = model_inputs(features, self.extractor.preparer.spatial, self.device, self.model.vision_dtype)
         return [{**prediction, "flags": video_flags(f["info"]), "info": f["info"]}
                 for prediction, f in zip(self.model.predict(**batch), features)]

