@@ -4,6 +4,9 @@
 video, and a cached vs uncached pipeline run.
 --stage model: rater throughput at batch 1 vs batch 8 and peak memory, for the tiny config on
 CPU or random InternVL2-1B/8B-sized configs (bf16, GPU).
+--stage lite: FVQ-Rater (the teacher) against fvq_rater_lite (the student), end to end on the same
+demo-scale clips, decoding included: seconds per video and peak memory of each, each in its own
+process; and the student's import plus first score in a fresh interpreter.
 """
 from __future__ import annotations
 
@@ -177,3 +180,78 @@ def format_model(result: dict) -> str:
 
 def save(result: dict, path) -> None:
     write_atomically(path, json.dumps(result, indent=2, default=str))
+
+
+def _time_scorer(checkpoint: str, clips: list[str], device: str, batch_size: int) -> dict:
+    """In a worker process: load, score one clip (lazy loads), then time scoring all clips (no feature cache)."""
+    import resource
+
+    from .lite import LiteScorer, is_student
+    from .scoring import Scorer
+
+    started = time.perf_counter()
+    scorer = (LiteScorer if is_student(checkpoint) else Scorer).from_pretrained(checkpoint, device=device,
+                                                                                  batch_size=batch_size)
+    scorer.score(clips[:1], progress=False)
+    load = time.perf_counter() - started
+    started = time.perf_counter()
+    results = scorer.score(clips, progress=False)
+    seconds = (time.perf_counter() - started) / len(clips)
+    failed = [r["error"] for r in results if "error" in r]
+    if failed:
+        raise RuntimeError(f"{len(failed)} bench clips failed: {failed[0]}")
+    return {"seconds_per_video": seconds, "load_and_first_s": load,
+            "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _first_score_seconds(student: str, clip: str) -> float:
+    """Import of the student's code, loading and one score, timed inside a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import time; started = time.perf_counter()\n"
+            "from fvq_plugin.lite import LiteScorer\n"
+            f"LiteScorer.from_pretrained({student!r}).score([{clip!r}], progress=False)\n"
+            "print(time.perf_counter() - started)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def bench_lite(teacher=None, student=None, videos: int = 8, device: str = "cpu", batch_size: int = 8) -> dict:
+    """Teacher and student on the same clips (random demo-scale models unless checkpoints are given)."""
+    from .compare import _in_worker
+    from .demo_data import DEFAULT_FRAMES, DEFAULT_SIZE
+    from .lite import LiteRater, save_student
+
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        if teacher is None:
+            from .demo import DEMO_FEATURES, DEMO_RECIPE
+            from .features import FeatureExtractor
+            from .tiny import tiny_rater
+
+            teacher = tiny_rater(FeatureExtractor(DEMO_FEATURES), recipe=DEMO_RECIPE).save_pretrained(scratch / "teacher")
+        if student is None:
+            student = save_student(LiteRater(), scratch / "student")
+        clips = [str(_face_clip(scratch / f"clip{i}.mp4", DEFAULT_FRAMES, seed=i, size=(DEFAULT_SIZE, DEFAULT_SIZE)))
+                 for i in range(videos)]
+        timed = {name: _in_worker(_time_scorer, str(path), clips, device, batch_size)
+                 for name, path in (("teacher", teacher), ("student", student))}
+        first = _first_score_seconds(str(student), clips[0])
+    return {"videos": videos, "clip": f"{DEFAULT_SIZE}x{DEFAULT_SIZE}, {DEFAULT_FRAMES} frames", "device": device,
+            "teacher": {"checkpoint": str(teacher), **timed["teacher"]},
+            "student": {"checkpoint": str(student), **timed["student"]},
+            "student_speedup": timed["teacher"]["seconds_per_video"] / timed["student"]["seconds_per_video"],
+            "student_import_and_first_score_s": first}
+
+
+def format_lite(result: dict) -> str:
+    rows = [f"end to end on {result['videos']} clips ({result['clip']}) on {result['device']}: decoding and every "
+            "model included, no feature cache",
+            "           s/video   peak MB   load + first s"]
+    rows += [f"{name:<9} {result[name]['seconds_per_video']:8.4f} {result[name]['peak_memory_mb']:9.0f} "
+             f"{result[name]['load_and_first_s']:16.2f}" for name in ("teacher", "student")]
+    rows += [f"student throughput / teacher throughput: {result['student_speedup']:.1f}x",
+             f"student import + load + first score in a fresh interpreter: "
+             f"{result['student_import_and_first_score_s']:.2f} s"]
+    return "\n".join(rows)

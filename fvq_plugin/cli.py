@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import WEIGHTS_ENV
+from .common import LITE_WEIGHTS_ENV, WEIGHTS_ENV
 
 COMPARE_POOLS = ("mean", "median", "min")  # the poolings compare._frame_metric knows
 
@@ -23,10 +23,13 @@ class UsageError(Exception):
 
 
 def _make_demo_data(args) -> int:
-    from .demo_data import build_demo_set, format_summary
+    from .demo_data import build_demo_set, build_unlabeled_pool, format_summary
 
     summary = build_demo_set(args.out, n_videos=args.videos, seed=args.seed, overwrite=args.overwrite)
     print(format_summary(summary))
+    if args.unlabeled:
+        pool = build_unlabeled_pool(args.out, args.unlabeled, seed=args.seed)
+        print(f"unlabeled pool: {args.unlabeled} videos of the training identities in {pool} (labels withheld)")
     return 0
 
 
@@ -82,13 +85,30 @@ def _check_output_file(path, flag: str, example: str) -> None:
 
 def _scorer(args):
     from .checkpoint import checkpoint_path, parse_dtype
+    from .lite import is_student
     from .scoring import Scorer
 
+    if args.weights and is_student(args.weights):
+        return _student_scorer(args)
     return Scorer.from_pretrained(checkpoint_path(args.weights, "--weights DIR"), device=args.device,
                                   dtype=parse_dtype(args.dtype), device_map=args.device_map, attn_implementation=args.attn,
                                   feature_overrides=_feature_overrides(args), merge_lora=args.merge_lora,
                                   batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache,
                                   timeout_per_video=args.timeout_per_video)
+
+
+def _student_scorer(args):
+    """fvq_rater_lite in place of FVQ-Rater: the backbone and feature-model options do not apply to it."""
+    from .lite import LiteScorer
+
+    given = [f"--{name.replace('_', '-')}" for name in ("dtype", "device_map", "attn", *_feature_overrides(args))
+             if getattr(args, name, None) not in (None, "auto", False)]
+    if given:
+        raise UsageError(f"{', '.join(given)}: {args.weights} is an fvq_rater_lite student, which has no backbone or "
+                         "feature models to set")
+    return LiteScorer.from_pretrained(args.weights, device=args.device, batch_size=args.batch_size,
+                                      workers=args.workers, cache_dir=args.cache,
+                                      timeout_per_video=args.timeout_per_video)
 
 
 def _check_outputs(args) -> None:
@@ -185,7 +205,8 @@ def _pairs(values, flag: str, optional_name: bool = False) -> dict:
 
 def _compare(args) -> int:
     from .checkpoint import checkpoint_path
-    from .compare import FVQ, MetricSpec, check_metric_names, compare, format_table
+    from .compare import FVQ, LITE, MetricSpec, check_metric_names, compare, format_table
+    from .lite import student_path
     from .data import read_split
 
     names = [name.strip() for name in args.metrics.split(",") if name.strip()]
@@ -203,6 +224,10 @@ def _compare(args) -> int:
     # Without weights FVQ-Rater is listed as unavailable; weights that are given must be a checkpoint.
     if FVQ in names and FVQ not in weights and (args.weights or os.environ.get(WEIGHTS_ENV)):
         weights[FVQ] = checkpoint_path(args.weights, "--weights DIR")
+    if LITE in names:
+        weights.setdefault(LITE, os.environ.get(LITE_WEIGHTS_ENV))
+        if weights[LITE]:
+            student_path(weights[LITE], f"--metric-weights {LITE}=DIR")
     specs = [MetricSpec(name, weights.get(name), args.frames, args.pool, args.device) for name in names]
     result = compare(args.data, args.split, specs, args.out, lmms_samples=samples, resume=args.resume,
                      batch_size=args.batch_size, cache_dir=args.cache, progress=not args.json)
@@ -328,6 +353,15 @@ def _bench(args) -> int:
                                           "temporal_preprocess": args.temporal, **_feature_overrides(args)})
         result = bench.bench_features(config, videos=args.videos, device=args.device)
         table = bench.format_features(result)
+    elif args.stage == "lite":
+        from .checkpoint import checkpoint_path
+        from .lite import load_student
+
+        teacher = checkpoint_path(args.teacher, "--teacher DIR") if args.teacher else None
+        if args.weights:
+            load_student(args.weights)  # a wrong folder is said before anything is timed
+        result = bench.bench_lite(teacher, args.weights, videos=args.videos, device=args.device)
+        table = bench.format_lite(result)
     else:
         result = bench.bench_model(args.size, device=args.device)
         table = bench.format_model(result)
@@ -340,8 +374,45 @@ def _demo(args) -> int:
     """The main job on the embedded default (see fvq_plugin.demo)."""
     from .demo import DemoSettings, run_demo
 
-    run_demo(args.workdir, DemoSettings(videos=args.videos, seed=args.seed))
+    run_demo(args.workdir, DemoSettings(videos=args.videos, seed=args.seed, distill=args.distill))
     return 0
+
+
+def _distill(args) -> int:
+    from .checkpoint import checkpoint_path
+    from .distill import DistillConfig, distill
+    from .lite import load_student
+
+    teacher = checkpoint_path(args.teacher, "--teacher DIR")
+    if args.student_init:
+        load_student(args.student_init)  # a wrong folder is said before the teacher runs
+    config = DistillConfig(rounds=args.rounds, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                           rank_weight=args.rank_weight, pseudo_weight=args.pseudo_weight, seed=args.seed,
+                           teacher_epochs=args.teacher_epochs)
+    report = distill(teacher, args.data, args.out, unlabeled=args.unlabeled, config=config,
+                     student_init=args.student_init, cache_dir=args.cache, progress=not args.json)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    for failure in report["failed"]:
+        print(f"skipped: {failure['path']}: {failure['error']}", file=sys.stderr)
+    val = report["student_val_srcc"]
+    print(f"student: {report['labelled']} labelled + {report['pseudo_labelled']} pseudo-labelled videos, "
+          f"best validation SRCC {'n/a' if val is None else f'{val:.4f}'}\nwrote {report['student']}")
+    print(f"next: fvq-rater eval --weights {report['student']} --data {args.data}")
+    return 0
+
+
+def _export_onnx(args) -> int:
+    from .lite import check_onnx, export_onnx, load_student
+
+    model = load_student(args.student)
+    out = Path(args.out or Path(args.student) / "fvq_rater_lite.onnx")
+    _check_output_file(out, "--out", "fvq_rater_lite.onnx")
+    export_onnx(model, out)
+    difference = check_onnx(model, out)
+    print(f"wrote {out}; onnxruntime and torch differ by at most {difference:.2e} (on random inputs, batch 3)")
+    return 0 if difference <= 1e-4 else 1
 
 
 def _add_feature_args(parser):
@@ -412,6 +483,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", default=DEMO_DIR, help="where the demo writes")
     demo.add_argument("--videos", type=int, default=DEFAULT_VIDEOS, help="demo set size")
     demo.add_argument("--seed", type=int, default=0, help="seed of the demo set and of training")
+    demo.add_argument("--distill", action="store_true",
+                      help="then distill the trained rater into fvq_rater_lite and compare the two")
     demo.set_defaults(run=_demo)
 
     make = commands.add_parser("make-demo-data", help="write an FVQ-20K-layout set of degraded face videos")
@@ -419,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--videos", type=int, default=DEFAULT_VIDEOS, help="number of videos (80/5/15 split)")
     make.add_argument("--seed", type=int, default=0, help="the same seed writes byte-identical videos")
     make.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    make.add_argument("--unlabeled", type=int, default=0, metavar="N",
+                      help="also N unlabeled videos of the training identities in OUT/unlabeled/videos (for distill)")
     make.set_defaults(run=_make_demo_data)
 
     check = commands.add_parser("validate", help="check an FVQ-20K-layout dataset, line by line")
@@ -513,11 +588,41 @@ def build_parser() -> argparse.ArgumentParser:
                      required=True)
     convert.set_defaults(run=_convert)
 
+    distillation = commands.add_parser("distill", help="train the fvq_rater_lite student from an FVQ-Rater teacher "
+                                                       "(pseudo-labels, optional self-training)")
+    distillation.add_argument("--teacher", help=f"FVQ-Rater checkpoint folder (default: env {WEIGHTS_ENV})")
+    distillation.add_argument("--data", required=True, help="FVQ-20K-layout root (train labels, val for selection)")
+    distillation.add_argument("--unlabeled", metavar="DIR_OR_LIST",
+                              help="videos to pseudo-label: a folder (searched recursively) or a file of paths")
+    distillation.add_argument("--out", required=True, help="folder for pseudo-labels, caches and OUT/student")
+    distillation.add_argument("--rounds", type=int, default=0,
+                              help="self-training rounds: fine-tune the teacher on labels + pseudo-labels, relabel")
+    distillation.add_argument("--teacher-epochs", type=int, default=3, help="stage-II epochs per self-training round")
+    distillation.add_argument("--student-init", help="start the student from this fvq_rater_lite checkpoint")
+    distillation.add_argument("--epochs", type=int, default=40, help="student epochs")
+    distillation.add_argument("--batch-size", type=int, default=32, help="student batch (teacher: scoring batch)")
+    distillation.add_argument("--lr", type=float, default=3e-3, help="student peak learning rate (one-cycle)")
+    distillation.add_argument("--rank-weight", type=float, default=1.0, help="weight of the fidelity ranking loss")
+    distillation.add_argument("--pseudo-weight", type=float, default=1.0,
+                              help="weight of a pseudo-labelled video against a labelled one")
+    distillation.add_argument("--cache", help="the teacher's feature cache folder (default: OUT/teacher-features)")
+    distillation.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")
+    distillation.add_argument("--json", action="store_true", help="print the report as JSON")
+    distillation.set_defaults(run=_distill)
+
+    onnx = commands.add_parser("export-onnx", help="write an fvq_rater_lite student as ONNX, checked with onnxruntime")
+    onnx.add_argument("student", help="fvq_rater_lite checkpoint folder (distill's OUT/student)")
+    onnx.add_argument("--out", help="the .onnx file (default: STUDENT/fvq_rater_lite.onnx)")
+    onnx.set_defaults(run=_export_onnx)
+
     benchmark = commands.add_parser("bench", help="time the feature and model stages (ratios from one run)")
-    benchmark.add_argument("--stage", choices=["features", "model"], required=True, help="what to time")
+    benchmark.add_argument("--stage", choices=["features", "model", "lite"], required=True,
+                           help="what to time (lite: FVQ-Rater against its fvq_rater_lite student)")
+    benchmark.add_argument("--teacher", help="lite stage: FVQ-Rater checkpoint (default: a random demo-scale one)")
+    benchmark.add_argument("--weights", help="lite stage: fvq_rater_lite checkpoint (default: a random one)")
     benchmark.add_argument("--size", default="tiny", choices=["tiny", "internvl2-1b", "internvl2-8b"],
                            help="model stage: backbone size (random weights; the large ones need --device cuda)")
-    benchmark.add_argument("--videos", type=int, default=4, help="features stage: videos per measurement")
+    benchmark.add_argument("--videos", type=int, default=4, help="features and lite stages: videos per measurement")
     benchmark.add_argument("--image-size", type=int, default=448, help="features stage: frame size")
     benchmark.add_argument("--temporal", choices=["finevq", "kinetics"], default="finevq",
                            help="features stage: SlowFast preprocessing (finevq: every frame at 448, the fvq recipe's)")

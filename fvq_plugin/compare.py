@@ -1,9 +1,9 @@
 """`fvq-rater compare`: FVQ-Rater and other quality metrics on the same videos, with the same statistics.
 
-Metrics: `fvq_rater` (the Scorer), any no-reference pyiqa metric by name (run on the sampled frames
-of each video, pooled per video; NIQE with parameters shipped in a wheel, see classic.py), the
-no-reference video metric `viideo`, and other LMMs' logged fvq20k answers (`--lmms-eval-samples`),
-parsed as the task parses them. Each computed metric runs in its own worker process: its peak
+Metrics: `fvq_rater` (the Scorer), its distilled student `fvq_rater_lite` (the LiteScorer), any no-reference
+pyiqa metric by name (run on the sampled frames of each video, pooled per video; NIQE with parameters
+shipped in a wheel, see classic.py), the no-reference video metric `viideo`, and other LMMs' logged fvq20k
+answers (`--lmms-eval-samples`), parsed as the task parses them. Each computed metric runs in its own worker process: its peak
 memory is its own, and one that crashes or cannot load costs that metric only, which is reported
 as "unavailable: reason". Every SRCC reads the same way: a lower-is-better metric is negated first.
 
@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import file_digest, open_for_appending, write_atomically
+from .common import LITE_WEIGHTS_ENV, file_digest, open_for_appending, write_atomically
 from .errors import InputError
 
-FVQ = "fvq_rater"
+FVQ, LITE = "fvq_rater", "fvq_rater_lite"
+RATERS = (FVQ, LITE)  # scored through their Scorer, from a checkpoint folder
 STATISTICS = ("srcc", "plcc", "krcc", "rmse")
 PREDICTIONS_DIR = "predictions"
 COLUMNS = ("metric", "status", "srcc", "plcc", "krcc", "rmse", "seconds_per_video", "peak_mb", "scored", "failed",
@@ -43,7 +44,7 @@ class MetricSpec:
     """One metric to compute and what its predictions depend on."""
 
     name: str
-    weights: str | None = None      # local weights or parameter file (pyiqa's pretrained_model_path; fvq_rater's checkpoint)
+    weights: str | None = None      # local weights or parameter file (pyiqa's pretrained_model_path; a rater's checkpoint)
     frames: int = 8                 # frames per video for frame metrics
     pool: str = "mean"
     device: str = "cpu"
@@ -54,7 +55,7 @@ class MetricSpec:
         settings = {"name": self.name, "weights": _identity(self.weights or shipped_parameters(self.name))}
         if self.name in VIDEO_METRICS:
             settings.update(frames=VIIDEO_FRAMES)
-        elif self.name != FVQ:  # FVQ-Rater samples frames as its checkpoint's recipe says
+        elif self.name not in RATERS:  # the raters sample frames as their checkpoints say
             settings.update(frames=self.frames, pool=self.pool)
         return settings
 
@@ -144,10 +145,12 @@ def _compute_metric(spec, todo, file, batch_size, cache_dir, progress) -> dict:
 
     from tqdm.auto import tqdm
 
-    if spec.name == FVQ:
+    if spec.name in RATERS:
+        from .lite import LiteScorer
         from .scoring import Scorer
 
-        scorer = Scorer.from_pretrained(spec.weights, device=spec.device, batch_size=batch_size, cache_dir=cache_dir)
+        scorer = (LiteScorer if spec.name == LITE else Scorer).from_pretrained(
+            spec.weights, device=spec.device, batch_size=batch_size, cache_dir=cache_dir)
         lower_better, step = False, batch_size
 
         def predict(chunk):
@@ -209,6 +212,10 @@ def _check_runnable(spec: MetricSpec) -> None:
     if spec.name == FVQ:
         if spec.weights is None:
             raise Unavailable("no FVQ-Rater weights: pass --weights DIR or set FVQ_RATER_WEIGHTS")
+    elif spec.name == LITE:
+        if spec.weights is None:
+            raise Unavailable(f"no student weights: pass --metric-weights {LITE}=DIR (distill's OUT/student) or set "
+                              f"{LITE_WEIGHTS_ENV}")
     elif spec.name not in VIDEO_METRICS:
         from pyiqa.default_model_configs import DEFAULT_CONFIGS
 
@@ -218,14 +225,14 @@ def _check_runnable(spec: MetricSpec) -> None:
 
 
 def check_metric_names(names) -> None:
-    """Every name is fvq_rater, viideo or a pyiqa metric; a typo is named with the closest ones, before any work."""
+    """Every name is a rater, viideo or a pyiqa metric; a typo is named with the closest ones, before any work."""
     import difflib
 
     from pyiqa.default_model_configs import DEFAULT_CONFIGS
 
     from .classic import VIDEO_METRICS
 
-    known = [FVQ, *VIDEO_METRICS, *DEFAULT_CONFIGS]
+    known = [*RATERS, *VIDEO_METRICS, *DEFAULT_CONFIGS]
     for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3)

@@ -3,7 +3,9 @@
 Real FVQ-Rater weights and FVQ-20K cannot be downloaded here, so the demo builds a degraded
 face-video set from package-shipped photos, trains a tiny random InternVL (same code path as the
 8B model) with all four streams through stage I and stage II, and evaluates the best checkpoint
-on the test split through the same Scorer that scores real videos.
+on the test split through the same Scorer that scores real videos. With `distill`, the trained rater
+then teaches the fvq_rater_lite student (an unlabeled pool of the training identities, pseudo-labels,
+the student) and the two are compared on the same test videos.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ class DemoSettings:
     stage2_epochs: int = 12
     batch_size: int = 8
     lr: float = 1e-3
+    distill: bool = False
+    unlabeled: int = 200  # the pool the teacher pseudo-labels (with distill)
 
 
 def run_demo(workdir, settings: DemoSettings | None = None, progress: bool = True, log=print) -> dict:
@@ -90,19 +94,61 @@ def run_demo(workdir, settings: DemoSettings | None = None, progress: bool = Tru
                        f"Test split: {report['scored'] + report['failed']} videos of {len(unseen)} identities never seen "
                        f"in training ({', '.join(unseen)})"))
 
+    specs = [MetricSpec(name, str(checkpoint) if name == "fvq_rater" else None) for name in DEMO_COMPARISON]
+    if settings.distill:
+        student = distill_demo(checkpoint, data_dir, workdir, cache_dir, settings, progress, log, timings)
+        specs.insert(1, MetricSpec("fvq_rater_lite", str(student)))
+
     compare_started = time.perf_counter()
     # resume: a rerun in the same folder reuses the predictions, keyed by video content and each metric's settings
     # (the checkpoint's files included), so only what changed is computed again. No feature cache: FVQ-Rater's
     # cost per video is then its whole cost, decoding and features included, as every other metric's is.
-    specs = [MetricSpec(name, str(checkpoint) if name == "fvq_rater" else None) for name in DEMO_COMPARISON]
     comparison = compare(data_dir, "test", specs, workdir / "compare", resume=True, progress=progress)
     timings["compare_s"] = time.perf_counter() - compare_started
     timings["total_s"] = time.perf_counter() - started
     log(f"FVQ-Rater against the baselines that run offline, on the same test videos "
         f"(fvq-rater compare; {workdir / 'compare' / 'compare.png'}):\n{format_table(comparison['rows'])}")
+    if settings.distill:
+        log(teacher_and_student(comparison["rows"]))
     log(f"Checkpoint: {checkpoint}   total time {timings['total_s']:.0f} s")
     return {"report": report, "lmms_eval": lmms_report, "comparison": comparison["rows"], "timings": timings,
             "checkpoint": str(checkpoint)}
+
+
+def distill_demo(teacher, data_dir, workdir, cache_dir, settings: DemoSettings, progress: bool, log,
+                 timings: dict) -> Path:
+    """The trained rater pseudo-labels an unlabeled pool of the training identities and teaches the student."""
+    from .demo_data import build_unlabeled_pool
+    from .distill import DistillConfig, distill
+
+    started = time.perf_counter()
+    pool = build_unlabeled_pool(data_dir, settings.unlabeled, settings.seed, progress=progress)
+    log(f"Distilling into fvq_rater_lite: the trained rater pseudo-labels {settings.unlabeled} unlabeled videos "
+        f"of the training identities ({pool})")
+    report = distill(teacher, data_dir, workdir / "distill", unlabeled=pool, config=DistillConfig(seed=settings.seed),
+                     cache_dir=cache_dir, progress=progress, log_line=log)
+    timings["distill_s"] = time.perf_counter() - started
+    val = report["student_val_srcc"]
+    log(f"student: {report['labelled']} labelled + {report['pseudo_labelled']} pseudo-labelled videos, best validation "
+        f"SRCC {'n/a' if val is None else f'{val:.3f}'} ({timings['distill_s']:.0f} s)")
+    return Path(report["student"])
+
+
+def teacher_and_student(rows: list[dict]) -> str:
+    """FVQ-Rater and fvq_rater_lite side by side, from the comparison's rows."""
+    by_name = {row["metric"]: row for row in rows}
+    pair = [by_name["fvq_rater"], by_name["fvq_rater_lite"]]
+    if any(row["status"] != "ok" for row in pair):
+        return "teacher or student unavailable: " + "; ".join(row["reason"] for row in pair if row["status"] != "ok")
+    lines = ["Teacher and student on the same test videos (decoding included in s/video):",
+             f"{'':10}{'teacher':>12}{'student':>12}"]
+    for label, key, form in (("SRCC", "srcc", "{:.4f}"), ("PLCC", "plcc", "{:.4f}"), ("KRCC", "krcc", "{:.4f}"),
+                             ("RMSE", "rmse", "{:.3f}"), ("s/video", "seconds_per_video", "{:.4f}"),
+                             ("peak MB", "peak_mb", "{:.0f}"), ("scored", "scored", "{}")):
+        lines.append(f"{label:<10}" + "".join(form.format(row[key]).rjust(12) for row in pair))
+    lines.append(f"student: {pair[0]['seconds_per_video'] / pair[1]['seconds_per_video']:.1f}x the teacher's "
+                 f"throughput, SRCC {pair[1]['srcc'] - pair[0]['srcc']:+.4f}")
+    return "\n".join(lines)
 
 
 def lmms_eval_report(checkpoint, data_dir, cache_dir) -> dict:

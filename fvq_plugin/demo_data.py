@@ -41,6 +41,8 @@ Layout: out_dir/{train,val,test}/labels.txt ("name,mos" lines) and out_dir/{spli
 split 80/5/15, plus out_dir/meta.json describing every video and the identities of every split.
 The test split also holds a corner-case subset: face-free videos, several faces (the test identities
 side by side), portrait orientation, and very short clips. The same seed gives the same files byte for byte.
+`build_unlabeled_pool` adds out_dir/unlabeled/videos: videos of the training identities without labels,
+for `fvq-rater distill` (their MOS only in out_dir/unlabeled/meta.json).
 """
 from __future__ import annotations
 
@@ -69,6 +71,10 @@ DEFAULT_VIDEOS = 400
 DEFAULT_FRAMES = 48
 DEFAULT_SIZE = 160
 FPS = 24.0
+
+# out_dir/unlabeled/videos: more videos like the training split's, labels withheld (`fvq-rater distill` pseudo-labels
+# them). Their indices start here, so their random streams are never a labelled video's.
+UNLABELED, POOL_FIRST_INDEX = "unlabeled", 1_000_000
 
 CORNER_CASES = ("no_face", "multi_face", "portrait", "short")
 SHORT_FRAMES = 5
@@ -507,7 +513,7 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         if not (out_dir / MARKER).is_file():
             raise FileExistsError(f"{out_dir} holds files that are not a demo set written by fvq-rater (no {MARKER} "
                                   "marker); refusing to replace them: choose another folder")
-        for split in SPLITS:
+        for split in (*SPLITS, UNLABELED):
             shutil.rmtree(out_dir / split, ignore_errors=True)
         (out_dir / "meta.json").unlink(missing_ok=True)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -614,6 +620,37 @@ def build_demo_set(out_dir, n_videos: int = DEFAULT_VIDEOS, seed: int = 0, progr
     videos = [_video_meta(plan, identities, sources[plan.source][0]) for plan in plans]
     _write_labels_and_meta(out_dir, plans, seed, identities, videos)
     return _summarize(videos, out_dir, seed, time.perf_counter() - start)
+
+
+def build_unlabeled_pool(out_dir, n_videos: int, seed: int = 0, progress: bool = True, *,
+                         frames: int = DEFAULT_FRAMES, size: int = DEFAULT_SIZE) -> Path:
+    """Add `n_videos` videos built like the training split's (its identities, looks and degradations) in
+    out_dir/unlabeled/videos and return that folder. No labels.txt: their MOS is kept only in
+    out_dir/unlabeled/meta.json, to measure pseudo-labels against. The test and val identities stay unseen.
+    A pool already there with the same parameters is reused."""
+    out_dir = Path(out_dir)
+    pool, meta_file = out_dir / UNLABELED, out_dir / UNLABELED / "meta.json"
+    if not (out_dir / MARKER).is_file():
+        raise InputError(f"{out_dir} is not a demo set: build it first (fvq-rater make-demo-data {out_dir})")
+    wanted = {"builder_version": BUILDER_VERSION, "seed": seed, "count": n_videos, "frames": frames, "size": size}
+    try:
+        if {k: v for k, v in json.loads(meta_file.read_text()).items() if k in wanted} == wanted:
+            return pool / "videos"
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(pool, ignore_errors=True)
+    (pool / "videos").mkdir(parents=True)
+    identities = assign_identities(seed)
+    train = identities["train"]
+    plans = [_plan_video(POOL_FIRST_INDEX + i, UNLABELED, None, train[i % len(train)], seed, frames, size)
+             for i in range(n_videos)]
+    sources = {name: (SOURCES[name], load_source_image(name)) for name in train}
+    for plan in tqdm(plans, desc="unlabeled pool", unit="video", disable=not progress):
+        render_video(plan, seed, pool / "videos" / plan.name, *sources[plan.source])
+    videos = [_video_meta(plan, identities, sources[plan.source][0]) for plan in plans]
+    meta_file.write_text(json.dumps({**wanted, "note": "labels withheld: these MOS are for checking pseudo-labels only",
+                                     "videos": videos}, indent=1) + "\n")
+    return pool / "videos"
 
 
 def format_summary(summary: dict) -> str:

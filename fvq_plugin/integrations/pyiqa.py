@@ -1,4 +1,4 @@
-r"""FVQ-Rater as the pyiqa metric `fvq_rater`.
+r"""FVQ-Rater as the pyiqa metric `fvq_rater`, and its distilled student as `fvq_rater_lite`.
 
 Paper:
     FVQ-20K / FVQ-Rater: "Face Video Quality assessment" (arXiv 2504.09255, ACM MM 2025).
@@ -15,7 +15,8 @@ Inputs (the metric is no-reference, higher is better):
 
 Weights: an FVQ-Rater checkpoint folder, from `pretrained_model_path=` or env FVQ_RATER_WEIGHTS.
 The released weights (HF `Human-X/FVQ-Rater`) must first be converted with `fvq-rater convert`;
-nothing is downloaded.
+nothing is downloaded. `fvq_rater_lite` takes the same inputs; its weights are a student folder
+written by `fvq-rater distill` (`pretrained_model_path=` or env FVQ_RATER_LITE_WEIGHTS).
 """
 from __future__ import annotations
 
@@ -27,13 +28,14 @@ from torch import nn
 
 from .pyiqa_inputs import VideoPaths, install
 
-METRIC_NAME = "fvq_rater"
+METRIC_NAME, LITE_METRIC_NAME = "fvq_rater", "fvq_rater_lite"
 DEFAULT_CONFIG = {
     "metric_opts": {"type": "FVQRaterArch"},
     "metric_mode": "NR",
     "lower_better": False,
     "score_range": "0, 100",
 }
+LITE_DEFAULT_CONFIG = {**DEFAULT_CONFIG, "metric_opts": {"type": "FVQRaterLiteArch"}}
 # No URL: the released checkpoint needs `fvq-rater convert` before it loads here.
 default_model_urls: dict[str, str] = {}
 
@@ -55,6 +57,8 @@ class FVQRaterArch(nn.Module):
     The checkpoint is checked here but loaded on the first `.to(device)` (which pyiqa's
     create_metric calls right away) straight onto that device, never built on the CPU first.
     """
+
+    name = METRIC_NAME
 
     def __init__(self, pretrained: bool = True, pretrained_model_path: str | None = None, batch_size: int = 8,
                  dtype=None, device_map=None, attn_implementation=None, merge_lora: bool = True, **feature_settings):
@@ -105,11 +109,11 @@ class FVQRaterArch(nn.Module):
             if target.dim() == 4:
                 target = target.unsqueeze(0)
             if target.dim() != 5 or target.shape[2] != 3:
-                raise ValueError(f"fvq_rater takes frames [T,3,H,W] or videos [B,T,3,H,W], got {tuple(target.shape)}")
+                raise ValueError(f"{self.name} takes frames [T,3,H,W] or videos [B,T,3,H,W], got {tuple(target.shape)}")
             if target.min() < 0 or target.max() > 1:
-                raise ValueError("fvq_rater takes frames in [0, 1]")
+                raise ValueError(f"{self.name} takes frames in [0, 1]")
             return target
-        raise TypeError(f"fvq_rater takes a path, a list of paths or a frame tensor, got {type(target).__name__}")
+        raise TypeError(f"{self.name} takes a path, a list of paths or a frame tensor, got {type(target).__name__}")
 
     def forward(self, videos) -> torch.Tensor:
         """One score per video. A video that cannot be read raises, naming every such file and why (a
@@ -132,7 +136,7 @@ class FVQRaterArch(nn.Module):
         for index, result in enumerate(results):
             if result["flags"]:
                 what = result.get("path", f"video {index} of the batch")
-                warnings.warn(f"fvq_rater: {what}: scored with flags {', '.join(result['flags'])}", stacklevel=2)
+                warnings.warn(f"{self.name}: {what}: scored with flags {', '.join(result['flags'])}", stacklevel=2)
         return torch.tensor([r["score"] for r in results], device=device)
 
 
@@ -141,11 +145,41 @@ def _uint8_frames(frames: torch.Tensor):
     return (frames.detach().float() * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
+class FVQRaterLiteArch(FVQRaterArch):
+    """fvq_rater_lite (see fvq_plugin.lite): FVQ-Rater's distilled student, same inputs and score scale.
+
+    Args:
+        pretrained (bool): must stay True.
+        pretrained_model_path (str): student folder (default: env FVQ_RATER_LITE_WEIGHTS).
+        batch_size (int): videos per forward when a list of paths is given.
+    """
+
+    name = LITE_METRIC_NAME
+
+    def __init__(self, pretrained: bool = True, pretrained_model_path: str | None = None, batch_size: int = 8):
+        nn.Module.__init__(self)
+        from ..lite import student_path
+
+        if not pretrained:
+            raise ValueError("fvq_rater_lite has no random-weight mode: it needs a distilled student")
+        self.path = student_path(pretrained_model_path, "pretrained_model_path=DIR to pyiqa.create_metric")
+        self.options = {"batch_size": batch_size, "device_map": None}
+        self.scorer = None
+
+    def _load(self, device: torch.device) -> None:
+        from ..lite import LiteScorer
+
+        self.scorer = LiteScorer.from_pretrained(self.path, device=device, batch_size=self.options["batch_size"])
+        self.rater = self.scorer.model
+
+
 def register() -> None:
-    """Make `pyiqa.create_metric('fvq_rater')` and `pyiqa.list_models()` know FVQ-Rater."""
+    """Make `pyiqa.create_metric('fvq_rater')` (and 'fvq_rater_lite') and `pyiqa.list_models()` know them."""
     from pyiqa.default_model_configs import DEFAULT_CONFIGS
     from pyiqa.utils.registry import ARCH_REGISTRY
 
     DEFAULT_CONFIGS.setdefault(METRIC_NAME, DEFAULT_CONFIG)
+    DEFAULT_CONFIGS.setdefault(LITE_METRIC_NAME, LITE_DEFAULT_CONFIG)
     ARCH_REGISTRY.register(FVQRaterArch, override=True)
+    ARCH_REGISTRY.register(FVQRaterLiteArch, override=True)
     install()
