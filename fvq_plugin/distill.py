@@ -99,7 +99,6 @@ def train_student(model: LiteRater, train: tuple[list[dict], list[float], list[f
     from .metrics import srcc
 
     generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
     inputs, targets, weights = _stack(train[0]), torch.tensor(train[1]), torch.tensor(train[2])
     val_inputs = _stack(val[0]) if val else None
     steps = math.ceil(len(targets) / config.batch_size)
@@ -218,6 +217,7 @@ def distill(teacher, data, out, unlabeled=None, config: DistillConfig | None = N
                                  cache_dir, progress)
         del scorer
 
+    torch.manual_seed(config.seed)  # the student's initial weights depend on the seed alone
     model = load_student(student_init) if student_init else LiteRater(config.lite)
     if student_init and model.config.input_key() != config.lite.input_key():
         log_line(f"--student-init {student_init}: its own input settings are used ({model.config.input_key()})")

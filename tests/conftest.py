@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import socket  # noqa: E402
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
@@ -11,6 +12,13 @@ import pytest  # noqa: E402
 # Small everywhere (32-px frames, 4 per video, a short SlowFast clip): the production code paths, fast.
 TINY_FEATURES = dict(num_frames=4, image_size=32, face_backend="yunet-sface", temporal_random=True, temporal_preprocess="kinetics",
                      temporal_size=32, temporal_frames=8)
+
+
+def free_port() -> int:
+    """A port for a torch.distributed group, so that runs in parallel (pytest -n) never share one."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def small_demo_set(tmp_path_factory, size: int = 64):

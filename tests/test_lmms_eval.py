@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from fvq_plugin.data import read_split
 from fvq_plugin.model import CheckpointError
 from fvq_plugin.scoring import Scorer, evaluate
@@ -28,7 +29,7 @@ def lmms_eval(root, out, model, model_args, tasks, processes=1, timeout=300) -> 
     if processes > 1:
         # accelerate 1.15's --cpu starts one process unless MPI is set up; --multi_gpu forms a gloo group on CPU.
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                    str(processes), "-m", "lmms_eval"]
+                    str(processes), "--main_process_port", str(free_port()), "-m", "lmms_eval"]
     command = [*launcher, "--model", model, "--model_args", model_args, "--tasks", tasks, "--batch_size", "4",
                "--output_path", str(out), "--log_samples"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env={**ENV, "FVQ20K_ROOT": str(root)})

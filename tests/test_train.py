@@ -1,7 +1,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from fvq_plugin import train as training
 from fvq_plugin.features import FeatureConfig
 from fvq_plugin.model import FVQRater
@@ -111,12 +111,6 @@ def test_a_training_run_killed_while_checkpointing_resumes_to_the_uninterrupted_
                         for name in ("whole", "cut"))
     assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
     assert not list((tmp_path / "cut").glob("*.partial")) and not list((tmp_path / "cut").glob("*.old"))
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def test_two_cpu_processes_train_together(tmp_path, demo_set, feature_cache, checkpoint):
