@@ -71,7 +71,7 @@ def test_teacher_pseudo_labels_the_pool_and_the_student_trains_on_both(distilled
 
 
 def test_a_rerun_reuses_pseudo_labels_and_cached_inputs(distilled, checkpoint, demo_set, pool, feature_cache,
-                                                        monkeypatch):
+                                                        monkeypatch, capsys):
     out, _ = distilled
 
     def must_not_run(*args, **kwargs):
@@ -79,9 +79,12 @@ def test_a_rerun_reuses_pseudo_labels_and_cached_inputs(distilled, checkpoint, d
 
     monkeypatch.setattr(Scorer, "score_features", must_not_run)  # the teacher
     monkeypatch.setattr("fvq_plugin.lite.LitePreparer.__call__", must_not_run)  # decoding for the student
-    again = distill(checkpoint, demo_set, out, unlabeled=pool, config=SMALL, cache_dir=feature_cache, progress=False,
-                    log_line=lambda _: None)
-    assert again["pseudo_labelled"] == POOL
+    # Through the command line, continuing the first student (whose input settings then apply).
+    assert main(["distill", "--teacher", str(checkpoint), "--data", str(demo_set), "--unlabeled", str(pool),
+                 "--out", str(out), "--cache", str(feature_cache), "--epochs", "2", "--batch-size", "16",
+                 "--student-init", str(out / "student")]) == 0
+    assert f"+ {POOL} pseudo-labelled videos" in capsys.readouterr().out
+    assert json.loads((out / "student" / "fvq_rater_lite.json").read_text())["trained"]["init"] == str(out / "student")
 
 
 def test_self_training_round_fine_tunes_the_teacher_and_labels_again(checkpoint, demo_set, pool, distilled,
