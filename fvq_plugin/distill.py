@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .errors import InputError
-from .lite import LiteConfig, LiteExtractor, LiteRater, batch_inputs, load_student, save_student
+from .lite import LiteConfig, LiteExtractor, LiteRater, float_inputs, load_student, save_student, stack_inputs
 
 log = logging.getLogger(__name__)
 STUDENT_DIR, INPUTS_DIR, TEACHER_FEATURES_DIR = "student", "student-inputs", "teacher-features"
@@ -75,12 +75,9 @@ def fidelity_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor
     return (loss * pair_weight).sum() / pair_weight.sum().clamp_min(1e-8)
 
 
-def _stack(prepared: list[dict]) -> dict:
-    return {name: torch.stack([p[name] for p in prepared]) for name in ("frames", "faces", "face_mask")}
-
-
-def _as_floats(stacked: dict, index) -> dict:
-    return batch_inputs([{name: stacked[name][i] for name in stacked} for i in index.tolist()])
+def _batch(stacked: dict, index: torch.Tensor) -> dict:
+    """The videos at `index` of the stacked inputs, as the network takes them."""
+    return float_inputs({name: values[index] for name, values in stacked.items()})
 
 
 @torch.no_grad()
@@ -88,7 +85,7 @@ def predict(model: LiteRater, stacked: dict, batch_size: int = 64) -> list[float
     model.eval()
     count = len(stacked["frames"])
     return [score for start in range(0, count, batch_size)
-            for score in model(**_as_floats(stacked, torch.arange(start, min(count, start + batch_size)))).tolist()]
+            for score in model(**_batch(stacked, torch.arange(start, min(count, start + batch_size)))).tolist()]
 
 
 def train_student(model: LiteRater, train: tuple[list[dict], list[float], list[float]],
@@ -99,8 +96,8 @@ def train_student(model: LiteRater, train: tuple[list[dict], list[float], list[f
     from .metrics import srcc
 
     generator = torch.Generator().manual_seed(config.seed)
-    inputs, targets, weights = _stack(train[0]), torch.tensor(train[1]), torch.tensor(train[2])
-    val_inputs = _stack(val[0]) if val else None
+    inputs, targets, weights = stack_inputs(train[0]), torch.tensor(train[1]), torch.tensor(train[2])
+    val_inputs = stack_inputs(val[0]) if val else None
     steps = math.ceil(len(targets) / config.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=steps * config.epochs)
@@ -113,7 +110,7 @@ def train_student(model: LiteRater, train: tuple[list[dict], list[float], list[f
             index = order[start:start + config.batch_size]
             if len(index) < 2:
                 continue  # no pair to rank; the next epoch's order differs
-            batch = _as_floats(inputs, index)
+            batch = _batch(inputs, index)
             flip = torch.rand(len(index), generator=generator) < 0.5  # a mirrored face video is as good
             for name in ("frames", "faces"):
                 batch[name][flip] = batch[name][flip].flip(-1)

@@ -148,13 +148,20 @@ class LiteExtractor:
         return _file_record(Path(self.preparer.detector.model_file))
 
 
-def batch_inputs(prepared: list[dict], device="cpu") -> dict:
-    """Prepared inputs of several videos -> LiteRater.forward's keyword arguments (floats in [0, 1])."""
-    def stack(name):
-        return torch.stack([p[name] for p in prepared]).to(device)
+def stack_inputs(prepared: list[dict]) -> dict:
+    """Prepared inputs of several videos, stacked as they are (uint8 images, bool masks)."""
+    return {name: torch.stack([p[name] for p in prepared]) for name in INPUT_NAMES}
 
-    return {"frames": stack("frames").float() / 255, "faces": stack("faces").float() / 255,
-            "face_mask": stack("face_mask").float()}
+
+def float_inputs(stacked: dict, device="cpu") -> dict:
+    """Stacked inputs -> LiteRater.forward's keyword arguments (floats in [0, 1])."""
+    return {"frames": stacked["frames"].to(device).float() / 255, "faces": stacked["faces"].to(device).float() / 255,
+            "face_mask": stacked["face_mask"].to(device).float()}
+
+
+def batch_inputs(prepared: list[dict], device="cpu") -> dict:
+    """Prepared inputs of several videos -> LiteRater.forward's keyword arguments."""
+    return float_inputs(stack_inputs(prepared), device)
 
 
 # --- the network -----------------------------------------------------------------------------------
