@@ -7,6 +7,8 @@ CPU or random InternVL2-1B/8B-sized configs (bf16, GPU).
 --stage lite: FVQ-Rater (the teacher) against fvq_rater_lite (the student), end to end on the same
 demo-scale clips, decoding included: seconds per video and peak memory of each, each in its own
 process; and the student's import plus first score in a fresh interpreter.
+--stage ray: `score --engine ray` against the local Scorer on the same clips: throughput of each
+(the Ray run includes its actors' start, not the cluster's), and the per-video cost of each stage.
 """
 from __future__ import annotations
 
@@ -182,7 +184,7 @@ def save(result: dict, path) -> None:
     write_atomically(path, json.dumps(result, indent=2, default=str))
 
 
-def _time_scorer(checkpoint: str, clips: list[str], device: str, batch_size: int) -> dict:
+def _time_scorer(checkpoint: str, clips: list[str], device: str, batch_size: int, workers: int = 0) -> dict:
     """In a worker process: load, score one clip (lazy loads), then time scoring all clips (no feature cache)."""
     import resource
 
@@ -191,7 +193,7 @@ def _time_scorer(checkpoint: str, clips: list[str], device: str, batch_size: int
 
     started = time.perf_counter()
     scorer = (LiteScorer if is_student(checkpoint) else Scorer).from_pretrained(checkpoint, device=device,
-                                                                                  batch_size=batch_size)
+                                                                                  batch_size=batch_size, workers=workers)
     scorer.score(clips[:1], progress=False)
     load = time.perf_counter() - started
     started = time.perf_counter()
@@ -217,6 +219,22 @@ def _first_score_seconds(student: str, clip: str) -> float:
     return float(done.stdout.strip().splitlines()[-1])
 
 
+def _demo_teacher(folder: Path) -> Path:
+    """A random FVQ-Rater of the demo's size and features."""
+    from .demo import DEMO_FEATURES, DEMO_RECIPE
+    from .features import FeatureExtractor
+    from .tiny import tiny_rater
+
+    return tiny_rater(FeatureExtractor(DEMO_FEATURES), recipe=DEMO_RECIPE).save_pretrained(folder)
+
+
+def _demo_clips(folder: Path, videos: int) -> list[str]:
+    from .demo_data import DEFAULT_FRAMES, DEFAULT_SIZE
+
+    return [str(_face_clip(folder / f"clip{i}.mp4", DEFAULT_FRAMES, seed=i, size=(DEFAULT_SIZE, DEFAULT_SIZE)))
+            for i in range(videos)]
+
+
 def bench_lite(teacher=None, student=None, videos: int = 8, device: str = "cpu", batch_size: int = 8) -> dict:
     """Teacher and student on the same clips (random demo-scale models unless checkpoints are given)."""
     from .compare import _in_worker
@@ -225,16 +243,10 @@ def bench_lite(teacher=None, student=None, videos: int = 8, device: str = "cpu",
 
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
-        if teacher is None:
-            from .demo import DEMO_FEATURES, DEMO_RECIPE
-            from .features import FeatureExtractor
-            from .tiny import tiny_rater
-
-            teacher = tiny_rater(FeatureExtractor(DEMO_FEATURES), recipe=DEMO_RECIPE).save_pretrained(scratch / "teacher")
+        teacher = teacher or _demo_teacher(scratch / "teacher")
         if student is None:
             student = save_student(LiteRater(), scratch / "student")
-        clips = [str(_face_clip(scratch / f"clip{i}.mp4", DEFAULT_FRAMES, seed=i, size=(DEFAULT_SIZE, DEFAULT_SIZE)))
-                 for i in range(videos)]
+        clips = _demo_clips(scratch, videos)
         timed = {name: _in_worker(_time_scorer, str(path), clips, device, batch_size)
                  for name, path in (("teacher", teacher), ("student", student))}
         first = _first_score_seconds(str(student), clips[0])
@@ -255,3 +267,84 @@ def format_lite(result: dict) -> str:
              f"student import + load + first score in a fresh interpreter: "
              f"{result['student_import_and_first_score_s']:.2f} s"]
     return "\n".join(rows)
+
+
+def _stage_seconds(checkpoint: str, clips: list[str], device: str, batch_size: int) -> dict:
+    """In a worker process: seconds per video of each stage of the Ray pipeline, run in one process."""
+    from .lite import LiteScorer, is_student
+    from .scoring import Scorer, finish_features, prepare_video
+
+    scorer = (LiteScorer if is_student(checkpoint) else Scorer).from_pretrained(checkpoint, device=device)
+    scorer.score(clips[:1], progress=False)  # lazy loads
+    started = time.perf_counter()
+    items = [prepare_video(clip, scorer.extractor.preparer, None) for clip in clips]
+    prepare = (time.perf_counter() - started) / len(clips)
+    started = time.perf_counter()
+    for first in range(0, len(items), batch_size):
+        batch = items[first:first + batch_size]
+        finish_features(batch, scorer.extractor, None)
+        scorer.results(batch)
+    return {"prepare_s_per_video": prepare, "rate_s_per_video": (time.perf_counter() - started) / len(clips)}
+
+
+def bench_ray(checkpoint=None, videos: int = 160, device: str = "cpu", batch_size: int = 8, address=None) -> dict:
+    """The Ray engine against the local Scorer on the same videos, with the per-video cost of each stage;
+    a random demo-scale FVQ-Rater unless a checkpoint is given.
+
+    Both pay a start before their first video (a model load; for Ray, every actor's) and then a cost per
+    video; the two are measured apart. For Ray the per-video cost is the difference of two runs, on all
+    videos and on a fifth of them, divided by the difference in videos. The videos are 8 distinct clips
+    under `videos` names (no feature cache, so each is decoded and rated in full).
+    """
+    import functools
+    import os
+
+    from .compare import _in_worker
+    from .ray_scoring import _ray_session, score_on_ray
+    from .scoring import Scorer, checkpoint_extractor
+
+    if videos < 10:
+        raise InputError(f"--videos {videos}: the ray stage needs at least 10 videos (two runs of different sizes)")
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch = Path(scratch)
+        checkpoint = str(checkpoint or _demo_teacher(scratch / "rater"))
+        clips = _demo_clips(scratch, 8)
+        names = []
+        for i in range(videos):
+            names.append(str(scratch / f"video{i:05d}.mp4"))
+            os.link(clips[i % len(clips)], names[-1])
+        local = _in_worker(_time_scorer, checkpoint, names, device, batch_size)
+        stages = _in_worker(_stage_seconds, checkpoint, names[:16], device, batch_size)
+        runs = {}
+        with _ray_session(address, progress=False) as ray:
+            cpus = ray.cluster_resources().get("CPU", 0)
+            for count in (videos // 5, videos):
+                started = time.perf_counter()
+                summary = score_on_ray(names[:count], scratch / f"ray{count}",
+                                       functools.partial(checkpoint_extractor, checkpoint),
+                                       functools.partial(Scorer.from_pretrained, checkpoint, device=device),
+                                       batch_size=batch_size, gpus_per_rater=float(device.startswith("cuda")),
+                                       progress=False)
+                if summary["failed"]:
+                    raise RuntimeError(f"{summary['failed']} bench videos failed on Ray")
+                runs[count] = time.perf_counter() - started
+    per_video = (runs[videos] - runs[videos // 5]) / (videos - videos // 5)
+    return {"videos": videos, "device": device, "cluster_cpus": cpus, "batch_size": batch_size, "local": local,
+            "stages": stages, "ray": {"seconds_per_video": per_video, "start_s": runs[videos] - per_video * videos,
+                                      "run_s": {str(count): seconds for count, seconds in runs.items()}},
+            "ray_vs_local": local["seconds_per_video"] / per_video,
+            "ray_vs_local_end_to_end": (local["load_and_first_s"] + local["seconds_per_video"] * videos) / runs[videos]}
+
+
+def format_ray(result: dict) -> str:
+    local, ray, stages = result["local"], result["ray"], result["stages"]
+    return "\n".join([
+        f"{result['videos']} demo-scale videos on {result['device']}, {result['cluster_cpus']:g} Ray CPUs, "
+        f"batch {result['batch_size']}, no feature cache",
+        "                 s/video   start s",
+        f"local Scorer     {local['seconds_per_video']:7.4f}   {local['load_and_first_s']:7.2f}  (model load, first video)",
+        f"ray              {ray['seconds_per_video']:7.4f}   {ray['start_s']:7.2f}  (every actor's start)",
+        f"stages, one process: prepare (decode, faces, portraits) {stages['prepare_s_per_video']:.4f} s/video, "
+        f"rate (SlowFast, rater) {stages['rate_s_per_video']:.4f} s/video",
+        f"ray throughput / local throughput: {result['ray_vs_local']:.2f}x per video; "
+        f"{result['ray_vs_local_end_to_end']:.2f}x for these {result['videos']} videos, starts included"])

@@ -133,8 +133,35 @@ def _media_files(inputs) -> list[str]:
     return paths
 
 
+def _score_inputs(args) -> list[str]:
+    """The videos named by the positional paths, --manifest or --data/--split (exactly one of them)."""
+    given = [name for name, value in (("PATH", args.paths), ("--manifest", args.manifest), ("--data", args.data))
+             if value]
+    if len(given) != 1:
+        raise UsageError(f"name the videos one way: PATH..., --manifest FILE or --data ROOT --split S (got "
+                         f"{' and '.join(given) or 'none'})")
+    if args.manifest:
+        from .ray_scoring import read_manifest
+
+        paths = read_manifest(args.manifest)
+        if not paths:
+            raise UsageError(f"--manifest {args.manifest}: no video paths in it")
+        return paths
+    if args.data:
+        from .data import read_split
+
+        return [str(r.path) for r in read_split(args.data, args.split)]
+    return _media_files(args.paths)
+
+
 def _score(args) -> int:
-    paths = _media_files(args.paths)
+    if args.engine == "ray":
+        return _score_on_ray(args)
+    ray_only = [flag for flag in ("--manifest", "--address", "--prepare-actors", "--rate-actors", "--gpus-per-rater")
+                if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if ray_only:
+        raise UsageError(f"{', '.join(ray_only)}: options of --engine ray")
+    paths = _score_inputs(args)
     _check_outputs(args)
     scorer = _scorer(args)
     results = scorer.score(paths, output=args.output, progress=not args.json)
@@ -152,6 +179,40 @@ def _score(args) -> int:
     summary += f", {resumed} resumed from {args.output}" if resumed else ""
     print(summary, file=sys.stderr if args.json else sys.stdout)
     return 1 if failed else 0
+
+
+def _score_on_ray(args) -> int:
+    """`score --engine ray`: the same scorer, built once per Ray actor (see fvq_plugin.ray_scoring)."""
+    from .checkpoint import checkpoint_path
+    from .ray_scoring import format_summary, read_output, require_ray, score_on_ray
+    from .scoring import checkpoint_extractor
+
+    require_ray()
+    local_only = [flag for flag, value in (("--workers", args.workers), ("--timeout-per-video", args.timeout_per_video))
+                  if value]
+    if local_only:
+        raise UsageError(f"{', '.join(local_only)}: options of the local engine (Ray's actor pools replace them: "
+                         "--prepare-actors, --rate-actors)")
+    if not args.output:
+        raise UsageError("--engine ray writes its results to a folder: give --output DIR")
+    paths = _score_inputs(args)
+    _check_output_file(args.csv, "--csv", "results.csv")
+    args.weights = checkpoint_path(args.weights, "--weights DIR")
+    if not Path(args.weights).is_absolute():
+        args.weights = str(Path(args.weights).resolve())  # actors may start in another folder
+    # Each rating actor builds its scorer as this command would; the feature cache is the pipeline's.
+    actor_args = argparse.Namespace(**{**vars(args), "workers": 0, "cache": None, "timeout_per_video": None})
+    gpus = args.gpus_per_rater if args.gpus_per_rater is not None else float(args.device.startswith("cuda"))
+    summary = score_on_ray(paths, args.output, functools.partial(checkpoint_extractor, args.weights, _feature_overrides(args)),
+                           functools.partial(_scorer, actor_args), cache_dir=args.cache, batch_size=args.batch_size,
+                           prepare_batch_size=args.prepare_batch_size, prepare_actors=args.prepare_actors,
+                           rate_actors=args.rate_actors or 1, gpus_per_rater=gpus, resume=args.resume,
+                           address=args.address, progress=not args.json)
+    if args.csv:
+        results = read_output(args.output)
+        _maybe_csv([results[p] for p in dict.fromkeys(paths) if p in results], args.csv)
+    print(json.dumps(summary) if args.json else format_summary(summary, args.output))
+    return 1 if summary["failed"] else 0
 
 
 def _maybe_csv(results, path):
@@ -346,6 +407,7 @@ def _convert(args) -> int:
 def _bench(args) -> int:
     from . import bench
 
+    args.videos = args.videos or (160 if args.stage == "ray" else 4)
     if args.stage == "features":
         from .features import FeatureConfig
 
@@ -362,6 +424,14 @@ def _bench(args) -> int:
             load_student(args.weights)  # a wrong folder is said before anything is timed
         result = bench.bench_lite(teacher, args.weights, videos=args.videos, device=args.device)
         table = bench.format_lite(result)
+    elif args.stage == "ray":
+        from .checkpoint import checkpoint_path
+        from .ray_scoring import require_ray
+
+        require_ray()
+        weights = checkpoint_path(args.weights, "--weights DIR") if args.weights else None
+        result = bench.bench_ray(weights, videos=args.videos, device=args.device, address=args.address)
+        table = bench.format_ray(result)
     else:
         result = bench.bench_model(args.size, device=args.device)
         table = bench.format_model(result)
@@ -436,7 +506,8 @@ def _add_recipe_args(parser, what: str, required: bool = False):
 
 def _add_output_args(parser):
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--output", help="append per-video results to this .jsonl file; an interrupted run resumes")
+    parser.add_argument("--output", help="append per-video results to this .jsonl file; an interrupted run resumes "
+                                         "(score --engine ray: a folder)")
     parser.add_argument("--csv", help="also write the per-video results as CSV")
 
 
@@ -503,10 +574,27 @@ def build_parser() -> argparse.ArgumentParser:
     check.set_defaults(run=_validate)
 
     score = commands.add_parser("score", help="score videos (or images) with an FVQ-Rater checkpoint")
-    score.add_argument("paths", nargs="+", help="video or image files, or folders (searched recursively)")
+    score.add_argument("paths", nargs="*", metavar="PATH",
+                       help="video or image files, or folders (searched recursively); or use --manifest, --data")
+    score.add_argument("--data", help="score a split of this FVQ-20K-layout root (see --split)")
+    score.add_argument("--split", default="test", choices=["train", "val", "test"], help="the --data split")
+    score.add_argument("--manifest", help="a .txt, .csv or .parquet list of video paths or URIs (--engine ray)")
     _add_output_args(score)
+    score.add_argument("--resume", action="store_true",
+                       help="continue the results in --output (the local engine always does; --engine ray asks for it)")
     _add_runtime_args(score)
     _add_feature_args(score)
+    cluster = score.add_argument_group("Ray engine")
+    cluster.add_argument("--engine", choices=["local", "ray"], default="local",
+                         help="ray: a Ray Data pipeline on a cluster (or a local Ray instance); --output is then a folder")
+    cluster.add_argument("--address", help="the Ray cluster to join, e.g. auto or ray://HEAD:10001 (default: start a "
+                                            "local Ray instance)")
+    cluster.add_argument("--prepare-actors", type=int,
+                         help="CPU actors decoding and running the face/portrait models (default: the CPUs not rating)")
+    cluster.add_argument("--prepare-batch-size", type=int, default=2, help="videos per preparation task")
+    cluster.add_argument("--rate-actors", type=int, help="actors holding the model, one GPU each with --device cuda "
+                                                         "(default 1)")
+    cluster.add_argument("--gpus-per-rater", type=float, help="GPUs per rating actor (default: 1 with --device cuda, else 0)")
     score.set_defaults(run=_score)
 
     evaluation = commands.add_parser("eval", help="SRCC/PLCC/KRCC/RMSE on a dataset split")
@@ -616,13 +704,17 @@ def build_parser() -> argparse.ArgumentParser:
     onnx.set_defaults(run=_export_onnx)
 
     benchmark = commands.add_parser("bench", help="time the feature and model stages (ratios from one run)")
-    benchmark.add_argument("--stage", choices=["features", "model", "lite"], required=True,
-                           help="what to time (lite: FVQ-Rater against its fvq_rater_lite student)")
+    benchmark.add_argument("--stage", choices=["features", "model", "lite", "ray"], required=True,
+                           help="what to time (lite: FVQ-Rater against its fvq_rater_lite student; ray: score "
+                                "--engine ray against the local Scorer)")
     benchmark.add_argument("--teacher", help="lite stage: FVQ-Rater checkpoint (default: a random demo-scale one)")
-    benchmark.add_argument("--weights", help="lite stage: fvq_rater_lite checkpoint (default: a random one)")
+    benchmark.add_argument("--weights", help="lite stage: fvq_rater_lite checkpoint (default: a random one); ray stage: "
+                                             "the checkpoint to score with (default: a random demo-scale FVQ-Rater)")
     benchmark.add_argument("--size", default="tiny", choices=["tiny", "internvl2-1b", "internvl2-8b"],
                            help="model stage: backbone size (random weights; the large ones need --device cuda)")
-    benchmark.add_argument("--videos", type=int, default=4, help="features and lite stages: videos per measurement")
+    benchmark.add_argument("--videos", type=int, help="features, lite and ray stages: videos per measurement "
+                                                      "(default 4; ray: 160)")
+    benchmark.add_argument("--address", help="ray stage: the Ray cluster to join (default: a local Ray instance)")
     benchmark.add_argument("--image-size", type=int, default=448, help="features stage: frame size")
     benchmark.add_argument("--temporal", choices=["finevq", "kinetics"], default="finevq",
                            help="features stage: SlowFast preprocessing (finevq: every frame at 448, the fvq recipe's)")

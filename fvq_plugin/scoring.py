@@ -100,23 +100,38 @@ class _PreparedVideos(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        path = self.paths[index]
-        try:
-            key = FeatureCache.content_key(check_file(path))
-        except VideoReadError as error:
-            return Extracted(path, None, error.reason)
-        except OSError as error:
-            return Extracted(path, None, f"cannot read file: {error.strerror or error}")
-        cached = self.cache.load(key) if self.cache else None
-        if cached is not None:
-            return Extracted(path, cached, cached=True, content=key)
-        try:
-            return Extracted(path, self.preparer(path), content=key)
-        except VideoReadError as error:
-            return Extracted(path, None, error.reason, content=key)
-        except Exception as error:  # one bad video must not end a 20,000-video run
-            log.exception("feature extraction failed for %s", path)
-            return Extracted(path, None, f"{type(error).__name__}: {error}", content=key)
+        return prepare_video(self.paths[index], self.preparer, self.cache)
+
+
+def prepare_video(path, preparer, cache: FeatureCache | None, read_as=None) -> Extracted:
+    """One video's cache lookup, else its decoding and CPU features; a failure is returned, never raised.
+    `read_as`: a local copy of the file to read in place of `path` (which stays the video's name)."""
+    local = str(read_as or path)
+    try:
+        key = FeatureCache.content_key(check_file(local))
+    except VideoReadError as error:
+        return Extracted(path, None, error.reason)
+    except OSError as error:
+        return Extracted(path, None, f"cannot read file: {error.strerror or error}")
+    cached = cache.load(key) if cache else None
+    if cached is not None:
+        return Extracted(path, cached, cached=True, content=key)
+    try:
+        return Extracted(path, preparer(local), content=key)
+    except VideoReadError as error:
+        return Extracted(path, None, error.reason, content=key)
+    except Exception as error:  # one bad video must not end a 20,000-video run
+        log.exception("feature extraction failed for %s", path)
+        return Extracted(path, None, f"{type(error).__name__}: {error}", content=key)
+
+
+def finish_features(items: list[Extracted], extractor: FeatureExtractor, cache: FeatureCache | None) -> None:
+    """The batched device work (SlowFast) of freshly prepared videos, then their cache files."""
+    fresh = [item for item in items if item.features is not None and not item.cached]
+    extractor.finish([item.features for item in fresh])
+    if cache is not None:
+        for item in fresh:
+            cache.save(item.content, item.features)
 
 
 def _one_thread_per_worker(_=None):
@@ -198,13 +213,28 @@ def extract_features(paths, extractor: FeatureExtractor, cache_dir=None, batch_s
                              multiprocessing_context="forkserver" if workers else None)
     with tqdm(total=len(paths), desc="features", unit="video", disable=not progress) as bar:
         for items in batches:
-            fresh = [item for item in items if item.features is not None and not item.cached]
-            extractor.finish([item.features for item in fresh])
-            if cache is not None:
-                for item in fresh:
-                    cache.save(item.content, item.features)
+            finish_features(items, extractor, cache)
             bar.update(len(items))
             yield items
+
+
+def feature_config(features: dict, overrides: dict | None = None):
+    """A checkpoint's feature settings with the given ones in their place (None: the checkpoint's)."""
+    from .features import FeatureConfig
+
+    return FeatureConfig.from_dict({**features, **{k: v for k, v in (overrides or {}).items() if v is not None}})
+
+
+def checkpoint_extractor(checkpoint, feature_overrides: dict | None = None, device="cpu"):
+    """The feature extractor a checkpoint scores with (as `Scorer.from_pretrained` builds it), without its model."""
+    from .checkpoint import feature_settings, read_config
+    from .features import FeatureExtractor
+    from .lite import LiteExtractor, is_student, load_student
+
+    if is_student(checkpoint):
+        return LiteExtractor(load_student(checkpoint).config)
+    features = feature_settings(checkpoint, read_config(checkpoint).get("features", {}))
+    return FeatureExtractor(feature_config(features, feature_overrides), device=device)
 
 
 class Scorer:
@@ -237,14 +267,13 @@ class Scorer:
         Without a device_map the backbone loads straight onto `device` (no copy built on the CPU first);
         with one (e.g. "auto") it stays where accelerate dispatched it. LoRA is merged for inference.
         """
-        from .features import FeatureConfig, FeatureExtractor
+        from .features import FeatureExtractor
         from .model import FVQRater
 
         model = FVQRater.from_pretrained(checkpoint, dtype=dtype, device_map=device_map or {"": str(device)},
                                          attn_implementation=attn_implementation, merge_lora=merge_lora)
-        overrides = {k: v for k, v in (feature_overrides or {}).items() if v is not None}  # None: the checkpoint's
-        features = FeatureConfig.from_dict({**model.config.features, **overrides})
-        return cls(model, FeatureExtractor(features, device=device), **options)
+        return cls(model, FeatureExtractor(feature_config(model.config.features, feature_overrides), device=device),
+                   **options)
 
     @property
     def device(self):
@@ -264,6 +293,13 @@ class Scorer:
         prepared = [self.extractor.preparer.from_frames(frames) for frames in videos]
         return self.score_features(self.extractor.finish(prepared))
 
+    def results(self, items: list[Extracted]) -> list[dict]:
+        """The result of each extracted video (its failure for one that could not be read), in one batch."""
+        good = [item for item in items if item.features is not None]
+        predictions = iter(self.score_features([item.features for item in good]) if good else [])
+        return [{"path": item.path, **(next(predictions) if item.features is not None else {"error": item.error}),
+                 "content": item.content, "scorer": self.fingerprint} for item in items]
+
     def score(self, paths, output=None, progress: bool = True, on_batch=None) -> list[dict]:
         """One result per path: {path, score, level, text, flags, info, ...} or {path, error}.
 
@@ -281,13 +317,8 @@ class Scorer:
         try:
             for items in extract_features(todo, self.extractor, self.cache_dir, self.batch_size, self.workers, progress,
                                           self.timeout_per_video):
-                good = [item for item in items if item.features is not None]
-                predictions = iter(self.score_features([item.features for item in good]) if good else [])
-                for item in items:
-                    result = ({"path": item.path, **next(predictions)} if item.features is not None
-                              else {"path": item.path, "error": item.error})
-                    result.update(content=item.content, scorer=self.fingerprint)
-                    done[item.path] = result
+                for result in self.results(items):
+                    done[result["path"]] = result
                     if sink:
                         sink.write(json.dumps(result) + "\n")
                 if sink:

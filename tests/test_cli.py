@@ -89,7 +89,7 @@ def test_usage_errors_and_help_never_import_torch():
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\nprint('torch' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.stdout.strip().endswith("False"), run.stderr[-2000:]
-    assert "the following arguments are required: paths" in run.stderr
+    assert "name the videos one way: PATH..., --manifest FILE or --data ROOT" in run.stderr
 
 
 @pytest.mark.reliability

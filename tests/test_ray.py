@@ -1,0 +1,179 @@
+"""Scoring on Ray (issue 15): a local 2-CPU Ray instance gives the local Scorer's results, survives killed
+workers, turns bad videos into rows and resumes."""
+import functools
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import pyarrow.parquet
+import pytest
+
+from fvq_plugin.data import read_split
+from fvq_plugin.errors import InputError
+from fvq_plugin.ray_scoring import RESULTS_JSONL, read_manifest, read_output, score_on_ray
+from fvq_plugin.scoring import ResultsFileError, Scorer, checkpoint_extractor, read_results
+
+ray = pytest.importorskip("ray", reason="the [ray] extra")  # part of the test extra: CI runs these
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    # Ray's workers cannot import this test module: its fault-injecting factories travel by value.
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def test_videos(demo_set, tmp_path_factory):
+    broken = tmp_path_factory.mktemp("broken") / "not_a_video.mp4"
+    broken.write_bytes(b"this is not an mp4 file")
+    return [str(r.path) for r in read_split(demo_set, "test")] + [str(broken)]
+
+
+@pytest.fixture(scope="module")
+def local_results(checkpoint, test_videos):
+    return {r["path"]: r for r in Scorer.from_pretrained(checkpoint).score(test_videos, progress=False)}
+
+
+def run(checkpoint, paths, out, make_extractor=None, make_scorer=None, **options):
+    return score_on_ray(paths, out, make_extractor or functools.partial(checkpoint_extractor, checkpoint),
+                        make_scorer or functools.partial(Scorer.from_pretrained, checkpoint, batch_size=4),
+                        progress=False, **options)
+
+
+def assert_same_results(got: dict, expected: dict):
+    assert sorted(got) == sorted(expected)
+    for path, result in expected.items():
+        if "error" in result:
+            assert got[path]["error"] == result["error"]
+            continue
+        assert got[path]["score"] == pytest.approx(result["score"], abs=1e-5)
+        assert (got[path]["level"], got[path]["flags"], got[path]["content"], got[path]["scorer"]) == \
+               (result["level"], result["flags"], result["content"], result["scorer"])
+        assert got[path]["level_probs"] == pytest.approx(result["level_probs"], abs=1e-6)
+
+
+def test_ray_gives_the_local_scorers_results_and_a_bad_video_is_a_row(ray_cluster, checkpoint, test_videos,
+                                                                         local_results, tmp_path):
+    summary = run(checkpoint, test_videos, tmp_path / "out")
+    assert (summary["scored"], summary["failed"], summary["lost"]) == (len(test_videos) - 1, 1, 0)
+    assert_same_results(read_output(tmp_path / "out"), local_results)
+    # results.jsonl: one line per video in input order, readable as the local engine's --output file
+    lines = (tmp_path / "out" / RESULTS_JSONL).read_text().splitlines()
+    assert [json.loads(line)["path"] for line in lines] == test_videos
+    assert_same_results(read_results(tmp_path / "out" / RESULTS_JSONL), local_results)
+
+
+class KillingPreparer:
+    """A preparer whose worker process is SIGKILLed on given videos: once each (a marker file remembers it),
+    or every time for `always`."""
+
+    def __init__(self, preparer, once: list[str], always: list[str], markers: Path):
+        self.preparer, self.once, self.always, self.markers = preparer, once, always, markers
+
+    def __call__(self, path):
+        name = Path(path).name
+        marker = self.markers / f"{name}.killed"
+        if name in self.always or (name in self.once and not marker.exists()):
+            marker.touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.preparer(path)
+
+
+def killing_extractor(checkpoint, once, always, markers):
+    extractor = checkpoint_extractor(checkpoint)
+    extractor.preparer = KillingPreparer(extractor.preparer, once, always, markers)
+    return extractor
+
+
+def killed_rater(checkpoint, markers: Path):
+    """A Scorer whose rating worker dies in its first batch."""
+    scorer = Scorer.from_pretrained(checkpoint, batch_size=4)
+    results = scorer.results
+
+    def results_or_die(items):
+        if not (markers / "rater.killed").exists():
+            (markers / "rater.killed").touch()
+            os.kill(os.getpid(), signal.SIGKILL)
+        return results(items)
+
+    scorer.results = results_or_die
+    return scorer
+
+
+@pytest.mark.reliability
+def test_killed_workers_are_retried_and_a_video_that_always_kills_its_worker_is_a_row(
+        ray_cluster, checkpoint, test_videos, local_results, tmp_path):
+    markers = tmp_path / "markers"
+    markers.mkdir()
+    names = [Path(p).name for p in test_videos]
+    make_extractor = functools.partial(killing_extractor, checkpoint, once=[names[1]], always=[names[5]], markers=markers)
+    make_scorer = functools.partial(killed_rater, checkpoint, markers)
+    out = tmp_path / "out"
+    summary = run(checkpoint, test_videos, out, make_extractor, make_scorer, prepare_batch_size=1, task_retries=1)
+    assert {p.name for p in markers.iterdir()} == {f"{names[1]}.killed", f"{names[5]}.killed", "rater.killed"}
+    assert summary["lost"] == 1
+    got = read_output(out)
+    assert got[test_videos[5]]["retry"] and got[test_videos[5]]["error"].startswith("lost:")
+    del got[test_videos[5]]
+    assert_same_results(got, {p: r for p, r in local_results.items() if p != test_videos[5]})
+    rows = [row["path"] for part in out.glob("part-*.parquet") for row in pyarrow.parquet.read_table(part).to_pylist()]
+    assert sorted(rows) == sorted(test_videos)  # no duplicate, no missing row
+
+    # The interrupted run's folder is continued only on purpose; --resume scores the lost video (now healthy), only it.
+    with pytest.raises(InputError, match="--resume"):
+        run(checkpoint, test_videos, out)
+    summary = run(checkpoint, test_videos, out, resume=True)
+    assert (summary["resumed"], summary["scored"], summary["lost"]) == (len(test_videos) - 1, 1, 0)
+    assert_same_results(read_output(out), local_results)
+    # Results of another scorer (here: LoRA kept apart) are never resumed, even when no video is left to score.
+    another = functools.partial(Scorer.from_pretrained, checkpoint, merge_lora=False)
+    with pytest.raises(ResultsFileError, match="another checkpoint, other settings"):
+        run(checkpoint, test_videos, out, make_scorer=another, resume=True)
+
+
+def test_manifests(tmp_path):
+    import pyarrow as pa
+
+    paths = ["/data/a.mp4", "s3://bucket/b.mp4"]
+    (tmp_path / "list.txt").write_text("# uploads\n/data/a.mp4\n\ns3://bucket/b.mp4\n")
+    (tmp_path / "list.csv").write_text("mos,path\n1,/data/a.mp4\n2,s3://bucket/b.mp4\n")
+    pyarrow.parquet.write_table(pa.table({"path": paths}), tmp_path / "list.parquet")
+    for name in ("list.txt", "list.csv", "list.parquet"):
+        assert read_manifest(tmp_path / name) == paths
+    assert read_manifest(f"file://{tmp_path / 'list.txt'}") == paths
+
+
+def test_without_ray_the_engine_says_how_to_install_it(monkeypatch, capsys, checkpoint, demo_set, tmp_path):
+    from fvq_plugin.cli import main
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
+    assert main(["score", "--engine", "ray", "--data", str(demo_set), "--weights", str(checkpoint),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert 'pip install "fvq-plugin[ray]"' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--engine", "ray"], "give --output DIR"),
+    (["--engine", "ray", "--output", "OUT", "--workers", "2"], "--workers: options of the local engine"),
+    (["--engine", "ray", "--output", "OUT", "--manifest", "list.txt"], "name the videos one way"),
+    (["--manifest", "list.txt"], "--manifest: options of --engine ray"),
+])
+def test_score_engine_usage_errors(arguments, message, capsys, checkpoint, demo_set, tmp_path, monkeypatch):
+    from fvq_plugin.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["score", "--data", str(demo_set), "--weights", str(checkpoint), *arguments]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_missing_manifest_is_named_before_ray_starts(capsys, checkpoint, tmp_path):
+    from fvq_plugin.cli import main
+
+    assert main(["score", "--engine", "ray", "--manifest", str(tmp_path / "missing.csv"), "--weights", str(checkpoint),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "missing.csv: no such file" in capsys.readouterr().err
