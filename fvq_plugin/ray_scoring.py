@@ -4,9 +4,9 @@ Videos stream through two actor pools. Preparation actors (one CPU each) fetch a
 look it up in the feature cache and otherwise decode it and run the CPU feature models (faces,
 portraits), exactly as `scoring.prepare_video` does locally. Rating actors load the checkpoint once
 and do what one batch of `Scorer.score` does: SlowFast, the cache write, the rater. The driver
-writes every batch of results as its own parquet part (written whole, then renamed), so a finished
-part is never rewritten; `resume` skips the videos already in the parts. A killed worker is
-restarted by Ray and its batch retried; a video that fails is a row with its error.
+collects the results into parquet parts (each written whole, then renamed, and never rewritten);
+`resume` skips the videos already in the parts. A killed worker is restarted by Ray and its task
+retried; a video that fails is a row with its error.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -221,17 +222,37 @@ def read_output(out) -> dict:
     return {result["path"]: result for table in read_parts(out) for result in results_of(table)}
 
 
-def _write_part(table, out: Path, number: int) -> None:
-    import pyarrow.parquet
+class _Parts:
+    """Result rows into parquet parts numbered after those already in `out` (no part is ever overwritten).
+    A part is written when it holds `rows` results or `seconds` have passed since the last one: a crash
+    loses at most that much work, and a million videos make a few thousand files, not one per batch."""
 
-    table = table.drop_columns(["unchanged"])  # a driver's note, not a result
-    handle, temporary = tempfile.mkstemp(dir=out, suffix=".tmp")
-    os.close(handle)
-    try:
-        pyarrow.parquet.write_table(table, temporary)
-        os.replace(temporary, out / f"part-{number:06d}.parquet")  # a part is there whole, or not at all
-    finally:
-        Path(temporary).unlink(missing_ok=True)
+    def __init__(self, out: Path, rows: int = 512, seconds: float = 60):
+        self.out, self.rows, self.seconds = out, rows, seconds
+        numbers = [int(match.group(1)) for part in out.glob(PART_GLOB)
+                   if (match := re.fullmatch(r"part-(\d+)\.parquet", part.name))]
+        self.number = max(numbers, default=-1) + 1
+        self.pending, self.last = [], time.monotonic()
+
+    def add(self, table) -> None:
+        self.pending.append(table.drop_columns(["unchanged"]))  # a driver's note, not a result
+        if sum(t.num_rows for t in self.pending) >= self.rows or time.monotonic() - self.last >= self.seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet
+
+        if not self.pending:
+            return
+        handle, temporary = tempfile.mkstemp(dir=self.out, suffix=".tmp")
+        os.close(handle)
+        try:
+            pyarrow.parquet.write_table(pa.concat_tables(self.pending), temporary)
+            os.replace(temporary, self.out / f"part-{self.number:06d}.parquet")  # there whole, or not at all
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+        self.number, self.pending, self.last = self.number + 1, [], time.monotonic()
 
 
 # ----- the driver -------------------------------------------------------------------------------
@@ -258,14 +279,15 @@ def _ray_session(address, progress: bool):
 
 def score_on_ray(paths, out, make_extractor: Callable, make_scorer: Callable, *, cache_dir=None, batch_size: int = 8,
                  prepare_batch_size: int = 2, prepare_actors: int | None = None, rate_actors: int = 1,
-                 gpus_per_rater: float = 0, cpus_per_rater: float = 1, task_retries: int = 3, resume: bool = False,
-                 address=None, progress: bool = True) -> dict:
+                 gpus_per_rater: float = 0, cpus_per_rater: float = 1, task_retries: int = 3, part_rows: int = 512,
+                 resume: bool = False, address=None, progress: bool = True) -> dict:
     """Score `paths` (local paths or URIs) into the folder `out`: parquet parts and, at the end, results.jsonl.
 
     make_extractor() builds the feature extractor on a preparation actor, make_scorer() the Scorer on a
     rating actor; each is called once per actor and must pickle (module-level functions, functools.partial).
     prepare_actors defaults to the cluster's CPUs less the raters'. A task whose worker died more than
     task_retries times is given up: its videos become rows with `retry` set, which `resume` scores again.
+    A part is written every `part_rows` results (or every minute).
     Returns a summary: videos, scored, failed (lost included), resumed, lost, seconds, videos_per_second.
     """
     out = Path(out)
@@ -281,22 +303,25 @@ def score_on_ray(paths, out, make_extractor: Callable, make_scorer: Callable, *,
         raise ResultsFileError(f"{out} holds results of several scorers; write to a new folder")
     paths = list(dict.fromkeys(str(p) for p in paths))
     todo = [{"path": p, "previous": _reusable_content(previous.get(p))} for p in paths]
-    summary = {"videos": len(paths), "scored": 0, "failed": 0, "resumed": 0, "lost": 0, "first_result_s": None,
-               "first_results": 0}
+    summary = {"videos": len(paths), "scored": 0, "failed": 0, "resumed": 0, "lost": 0}
     start = time.perf_counter()
-    if todo:
+    if paths:
         with _ray_session(address, progress) as ray:
             cpus = ray.cluster_resources().get("CPU", 2)
             options = {"cache_dir": cache_dir, "batch_size": batch_size, "prepare_batch_size": prepare_batch_size,
                        "prepare_actors": prepare_actors or max(1, int(cpus - rate_actors * cpus_per_rater)),
                        "rate_actors": rate_actors, "gpus_per_rater": gpus_per_rater, "cpus_per_rater": cpus_per_rater,
                        "task_retries": task_retries}
-            seen = _run_pipeline(ray, todo, out, len(existing), make_extractor, make_scorer, options,
-                                 next(iter(scorers), None), summary)
+            parts = _Parts(out, part_rows)
+            try:
+                seen = _run_pipeline(ray, todo, parts, make_extractor, make_scorer, options, next(iter(scorers), None),
+                                     summary)
+            finally:
+                parts.flush()  # what was scored before an error or ^C is kept
         lost = [p for p in paths if p not in seen]
         if lost:
-            _write_part(results_table([{"path": p, "error": LOST.format(task_retries + 1), "retry": True} for p in lost]),
-                        out, len(list(out.glob(PART_GLOB))))
+            parts.add(results_table([{"path": p, "error": LOST.format(task_retries + 1), "retry": True} for p in lost]))
+            parts.flush()
         summary["lost"] = len(lost)
         summary["failed"] += len(lost)
     summary["seconds"] = time.perf_counter() - start
@@ -313,7 +338,7 @@ def _reusable_content(result: dict | None) -> str:
     return result.get("content") or ""
 
 
-def _run_pipeline(ray, todo, out, first_part, make_extractor, make_scorer, options: dict, expected_scorer,
+def _run_pipeline(ray, todo, parts: _Parts, make_extractor, make_scorer, options: dict, expected_scorer,
                   summary) -> set:
     import warnings
 
@@ -334,20 +359,17 @@ def _run_pipeline(ray, todo, out, first_part, make_extractor, make_scorer, optio
             _Rate, fn_constructor_kwargs={"make_scorer": make_scorer, "cache_dir": options["cache_dir"]},
             batch_size=options["batch_size"], batch_format="pyarrow", compute=ActorPoolStrategy(size=options["rate_actors"]),
             num_cpus=options["cpus_per_rater"], num_gpus=options["gpus_per_rater"] or None, **retries)
-    seen, number, started = set(), first_part, time.perf_counter()
+    seen = set()
     for table in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if not seen:  # the actors' start and the first batch: a per-run cost, apart from the per-video one
-            summary["first_result_s"], summary["first_results"] = time.perf_counter() - started, table.num_rows
         seen.update(table.column("path").to_pylist())
         unchanged = table.column("unchanged").to_pylist()
         summary["resumed"] += sum(bool(u) for u in unchanged)
         if expected_scorer and set(table.column("scorer").drop_null().to_pylist()) - {expected_scorer}:
-            raise ResultsFileError(f"{out} holds results of another checkpoint, other settings or another fvq-plugin "
+            raise ResultsFileError(f"{parts.out} holds results of another checkpoint, other settings or another fvq-plugin "
                                    "version; resume only with the same ones, or write to a new folder")
         table = table.filter([not u for u in unchanged])
         if table.num_rows:
-            _write_part(table, out, number)
-            number += 1
+            parts.add(table)
             scored = table.column("error").null_count
             summary["scored"] += scored
             summary["failed"] += table.num_rows - scored

@@ -4,15 +4,18 @@ import functools
 import json
 import os
 import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow.parquet
 import pytest
 
+from fvq_plugin.cli import main
 from fvq_plugin.data import read_split
 from fvq_plugin.errors import InputError
-from fvq_plugin.ray_scoring import RESULTS_JSONL, read_manifest, read_output, score_on_ray
+from fvq_plugin.ray_scoring import RESULTS_JSONL, _reusable_content, read_manifest, read_output, score_on_ray
 from fvq_plugin.scoring import ResultsFileError, Scorer, checkpoint_extractor, read_results
 
 ray = pytest.importorskip("ray", reason="the [ray] extra")  # part of the test extra: CI runs these
@@ -57,15 +60,37 @@ def assert_same_results(got: dict, expected: dict):
         assert got[path]["level_probs"] == pytest.approx(result["level_probs"], abs=1e-6)
 
 
-def test_ray_gives_the_local_scorers_results_and_a_bad_video_is_a_row(ray_cluster, checkpoint, test_videos,
-                                                                         local_results, tmp_path):
-    summary = run(checkpoint, test_videos, tmp_path / "out")
-    assert (summary["scored"], summary["failed"], summary["lost"]) == (len(test_videos) - 1, 1, 0)
-    assert_same_results(read_output(tmp_path / "out"), local_results)
+@pytest.mark.reliability
+def test_an_interrupted_run_resumes_to_the_local_scorers_results(ray_cluster, checkpoint, test_videos,
+                                                                 local_results, tmp_path, capsys):
+    out = tmp_path / "out"
+    # Another driver on the same cluster, killed once it has written a part of 2 results.
+    code = (f"import functools, ray\n"
+            f"from fvq_plugin.ray_scoring import score_on_ray\n"
+            f"from fvq_plugin.scoring import Scorer, checkpoint_extractor\n"
+            f"ray.init(address='auto', logging_level='WARNING', log_to_driver=False)\n"
+            f"score_on_ray({test_videos!r}, {str(out)!r}, functools.partial(checkpoint_extractor, {str(checkpoint)!r}),\n"
+            f"             functools.partial(Scorer.from_pretrained, {str(checkpoint)!r}), batch_size=2, part_rows=2,\n"
+            f"             progress=False)\n")
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and driver.poll() is None and not list(out.glob("part-*.parquet")):
+        time.sleep(0.1)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    done = read_output(out)
+    assert 2 <= len(done) < len(test_videos), "the driver was not killed mid-way"
+    # The command line resumes it on this cluster (a running Ray session is used as it is).
+    assert main(["score", "--engine", "ray", *test_videos, "--weights", str(checkpoint), "--output", str(out),
+                 "--resume", "--batch-size", "4", "--json"]) == 1  # 1: the file that is not a video failed
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["resumed"], summary["scored"] + summary["failed"]) == (len(done), len(test_videos) - len(done))
+    assert summary["lost"] == 0
+    assert_same_results(read_output(out), local_results)  # the file that is not a video too: a row with its error
     # results.jsonl: one line per video in input order, readable as the local engine's --output file
-    lines = (tmp_path / "out" / RESULTS_JSONL).read_text().splitlines()
+    lines = (out / RESULTS_JSONL).read_text().splitlines()
     assert [json.loads(line)["path"] for line in lines] == test_videos
-    assert_same_results(read_results(tmp_path / "out" / RESULTS_JSONL), local_results)
+    assert_same_results(read_results(out / RESULTS_JSONL), local_results)
 
 
 class KillingPreparer:
@@ -90,21 +115,6 @@ def killing_extractor(checkpoint, once, always, markers):
     return extractor
 
 
-def killed_rater(checkpoint, markers: Path):
-    """A Scorer whose rating worker dies in its first batch."""
-    scorer = Scorer.from_pretrained(checkpoint, batch_size=4)
-    results = scorer.results
-
-    def results_or_die(items):
-        if not (markers / "rater.killed").exists():
-            (markers / "rater.killed").touch()
-            os.kill(os.getpid(), signal.SIGKILL)
-        return results(items)
-
-    scorer.results = results_or_die
-    return scorer
-
-
 @pytest.mark.reliability
 def test_killed_workers_are_retried_and_a_video_that_always_kills_its_worker_is_a_row(
         ray_cluster, checkpoint, test_videos, local_results, tmp_path):
@@ -112,25 +122,23 @@ def test_killed_workers_are_retried_and_a_video_that_always_kills_its_worker_is_
     markers.mkdir()
     names = [Path(p).name for p in test_videos]
     make_extractor = functools.partial(killing_extractor, checkpoint, once=[names[1]], always=[names[5]], markers=markers)
-    make_scorer = functools.partial(killed_rater, checkpoint, markers)
     out = tmp_path / "out"
-    summary = run(checkpoint, test_videos, out, make_extractor, make_scorer, prepare_batch_size=1, task_retries=1)
-    assert {p.name for p in markers.iterdir()} == {f"{names[1]}.killed", f"{names[5]}.killed", "rater.killed"}
+    summary = run(checkpoint, test_videos, out, make_extractor, prepare_batch_size=1, task_retries=1)
+    assert {p.name for p in markers.iterdir()} == {f"{names[1]}.killed", f"{names[5]}.killed"}
     assert summary["lost"] == 1
     got = read_output(out)
-    assert got[test_videos[5]]["retry"] and got[test_videos[5]]["error"].startswith("lost:")
-    del got[test_videos[5]]
+    lost = got.pop(test_videos[5])
+    assert lost["retry"] and lost["error"].startswith("lost: the Ray task that held this video failed 2 times")
     assert_same_results(got, {p: r for p, r in local_results.items() if p != test_videos[5]})
     rows = [row["path"] for part in out.glob("part-*.parquet") for row in pyarrow.parquet.read_table(part).to_pylist()]
     assert sorted(rows) == sorted(test_videos)  # no duplicate, no missing row
+    # --resume would score the lost video again, and no other
+    assert _reusable_content(lost) == "" and all(_reusable_content(r) == r["content"] for r in got.values())
 
-    # The interrupted run's folder is continued only on purpose; --resume scores the lost video (now healthy), only it.
+    # The folder is continued only on purpose, and never with another scorer (here: LoRA kept apart),
+    # even when no video is left to score.
     with pytest.raises(InputError, match="--resume"):
         run(checkpoint, test_videos, out)
-    summary = run(checkpoint, test_videos, out, resume=True)
-    assert (summary["resumed"], summary["scored"], summary["lost"]) == (len(test_videos) - 1, 1, 0)
-    assert_same_results(read_output(out), local_results)
-    # Results of another scorer (here: LoRA kept apart) are never resumed, even when no video is left to score.
     another = functools.partial(Scorer.from_pretrained, checkpoint, merge_lora=False)
     with pytest.raises(ResultsFileError, match="another checkpoint, other settings"):
         run(checkpoint, test_videos, out, make_scorer=another, resume=True)
@@ -149,8 +157,6 @@ def test_manifests(tmp_path):
 
 
 def test_without_ray_the_engine_says_how_to_install_it(monkeypatch, capsys, checkpoint, demo_set, tmp_path):
-    from fvq_plugin.cli import main
-
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     assert main(["score", "--engine", "ray", "--data", str(demo_set), "--weights", str(checkpoint),
                  "--output", str(tmp_path / "out")]) == 2
@@ -164,16 +170,12 @@ def test_without_ray_the_engine_says_how_to_install_it(monkeypatch, capsys, chec
     (["--manifest", "list.txt"], "--manifest: options of --engine ray"),
 ])
 def test_score_engine_usage_errors(arguments, message, capsys, checkpoint, demo_set, tmp_path, monkeypatch):
-    from fvq_plugin.cli import main
-
     monkeypatch.chdir(tmp_path)
     assert main(["score", "--data", str(demo_set), "--weights", str(checkpoint), *arguments]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_a_missing_manifest_is_named_before_ray_starts(capsys, checkpoint, tmp_path):
-    from fvq_plugin.cli import main
-
     assert main(["score", "--engine", "ray", "--manifest", str(tmp_path / "missing.csv"), "--weights", str(checkpoint),
                  "--output", str(tmp_path / "out")]) == 2
     assert "missing.csv: no such file" in capsys.readouterr().err

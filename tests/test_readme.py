@@ -54,8 +54,6 @@ def test_every_walkthrough_command_runs_as_written(after_the_demo, monkeypatch, 
         assert run.returncode == 0 and "|fvq20k|" in run.stdout, line + run.stdout[-2000:] + run.stderr[-2000:]
     scores = [json.loads(line) for line in open("fvq-demo/scores/test.jsonl")]
     assert len(scores) == len(read_split("fvq-demo/data", "test")) and all("score" in s for s in scores)
-    on_ray = {Path(r["path"]).name: r["score"] for r in map(json.loads, open("fvq-demo/ray-scores/results.jsonl"))}
-    assert on_ray == pytest.approx({Path(r["path"]).name: r["score"] for r in scores}, abs=1e-5)
     assert Path("fvq-demo/run2/best/fvq_rater.json").is_file() and Path("fvq-demo/another-set/meta.json").is_file()
 
 
