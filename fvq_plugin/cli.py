@@ -195,6 +195,10 @@ def _score_on_ray(args) -> int:
                          "--prepare-actors, --rate-actors)")
     if not args.output:
         raise UsageError("--engine ray writes its results to a folder: give --output DIR")
+    for flag in ("--batch-size", "--prepare-batch-size", "--prepare-actors", "--rate-actors"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} {value}: give a positive number")
     paths = _score_inputs(args)
     _check_output_file(args.csv, "--csv", "results.csv")
     args.weights = checkpoint_path(args.weights, "--weights DIR")

@@ -168,6 +168,7 @@ def test_without_ray_the_engine_says_how_to_install_it(monkeypatch, capsys, chec
     (["--engine", "ray", "--output", "OUT", "--workers", "2"], "--workers: options of the local engine"),
     (["--engine", "ray", "--output", "OUT", "--manifest", "list.txt"], "name the videos one way"),
     (["--manifest", "list.txt"], "--manifest: options of --engine ray"),
+    (["--engine", "ray", "--output", "OUT", "--rate-actors", "0"], "--rate-actors 0: give a positive number"),
 ])
 def test_score_engine_usage_errors(arguments, message, capsys, checkpoint, demo_set, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
