@@ -156,6 +156,20 @@ def test_manifests(tmp_path):
     assert read_manifest(f"file://{tmp_path / 'list.txt'}") == paths
 
 
+def test_a_remote_video_is_decoded_from_a_temporary_copy(tmp_path):
+    import fsspec
+
+    from fvq_plugin.ray_scoring import local_copy
+
+    with fsspec.open("memory://uploads/clip.mp4", "wb") as handle:  # any fsspec filesystem, e.g. s3://
+        handle.write(b"video bytes")
+    with local_copy("memory://uploads/clip.mp4") as local:
+        assert Path(local).name == "clip.mp4" and Path(local).read_bytes() == b"video bytes"
+    assert not Path(local).exists()
+    with local_copy(f"file://{tmp_path}/a.mp4") as local, local_copy("plain/path.mp4") as plain:
+        assert (local, plain) == (f"{tmp_path}/a.mp4", "plain/path.mp4")
+
+
 def test_without_ray_the_engine_says_how_to_install_it(monkeypatch, capsys, checkpoint, demo_set, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     assert main(["score", "--engine", "ray", "--data", str(demo_set), "--weights", str(checkpoint),
