@@ -595,7 +595,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "local Ray instance)")
     cluster.add_argument("--prepare-actors", type=int,
                          help="CPU actors decoding and running the face/portrait models (default: the CPUs not rating)")
-    cluster.add_argument("--prepare-batch-size", type=int, default=2, help="videos per preparation task")
+    cluster.add_argument("--prepare-batch-size", type=int, default=4,
+                         help="videos per preparation task (a worker that dies loses its task: up to this many videos)")
     cluster.add_argument("--rate-actors", type=int, help="actors holding the model, one GPU each with --device cuda "
                                                          "(default 1)")
     cluster.add_argument("--gpus-per-rater", type=float, help="GPUs per rating actor (default: 1 with --device cuda, else 0)")

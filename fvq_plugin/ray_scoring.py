@@ -278,7 +278,7 @@ def _ray_session(address, progress: bool):
 
 
 def score_on_ray(paths, out, make_extractor: Callable, make_scorer: Callable, *, cache_dir=None, batch_size: int = 8,
-                 prepare_batch_size: int = 2, prepare_actors: int | None = None, rate_actors: int = 1,
+                 prepare_batch_size: int = 4, prepare_actors: int | None = None, rate_actors: int = 1,
                  gpus_per_rater: float = 0, cpus_per_rater: float = 1, task_retries: int = 3, part_rows: int = 512,
                  resume: bool = False, address=None, progress: bool = True) -> dict:
     """Score `paths` (local paths or URIs) into the folder `out`: parquet parts and, at the end, results.jsonl.
@@ -354,7 +354,10 @@ def _run_pipeline(ray, todo, parts: _Parts, make_extractor, make_scorer, options
         dataset = dataset.map_batches(
             _Prepare, fn_constructor_kwargs={"make_extractor": make_extractor, "cache_dir": options["cache_dir"]},
             batch_size=options["prepare_batch_size"], batch_format="numpy",
-            compute=ActorPoolStrategy(size=options["prepare_actors"]), num_cpus=1, **retries)
+            # One task at a time per actor: a worker's death then fails only the task it was running,
+            # not the ones queued behind it (which would use up their retries with the culprit's).
+            compute=ActorPoolStrategy(size=options["prepare_actors"], max_tasks_in_flight_per_actor=1), num_cpus=1,
+            **retries)
         dataset = dataset.map_batches(
             _Rate, fn_constructor_kwargs={"make_scorer": make_scorer, "cache_dir": options["cache_dir"]},
             batch_size=options["batch_size"], batch_format="pyarrow", compute=ActorPoolStrategy(size=options["rate_actors"]),
