@@ -64,14 +64,18 @@ def assert_same_results(got: dict, expected: dict):
 def test_an_interrupted_run_resumes_to_the_local_scorers_results(ray_cluster, checkpoint, test_videos,
                                                                  local_results, tmp_path, capsys):
     out = tmp_path / "out"
-    # Another driver on the same cluster, killed once it has written a part of 2 results.
-    code = (f"import functools, ray\n"
+    # Another driver on the same cluster, its videos slowed to 0.5 s each, killed once it has written a part
+    # of 2 results.
+    code = (f"import functools, sys, ray\n"
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            f"import test_ray\n"
             f"from fvq_plugin.ray_scoring import score_on_ray\n"
-            f"from fvq_plugin.scoring import Scorer, checkpoint_extractor\n"
+            f"from fvq_plugin.scoring import Scorer\n"
             f"ray.init(address='auto', logging_level='WARNING', log_to_driver=False)\n"
-            f"score_on_ray({test_videos!r}, {str(out)!r}, functools.partial(checkpoint_extractor, {str(checkpoint)!r}),\n"
+            f"ray.cloudpickle.register_pickle_by_value(test_ray)\n"
+            f"score_on_ray({test_videos!r}, {str(out)!r}, functools.partial(test_ray.slow_extractor, {str(checkpoint)!r}),\n"
             f"             functools.partial(Scorer.from_pretrained, {str(checkpoint)!r}), batch_size=2, part_rows=2,\n"
-            f"             progress=False)\n")
+            f"             prepare_batch_size=1, progress=False)\n")
     driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and driver.poll() is None and not list(out.glob("part-*.parquet")):
@@ -107,6 +111,21 @@ class KillingPreparer:
             marker.touch()
             os.kill(os.getpid(), signal.SIGKILL)
         return self.preparer(path)
+
+
+class SlowPreparer:
+    def __init__(self, preparer, seconds: float):
+        self.preparer, self.seconds = preparer, seconds
+
+    def __call__(self, path):
+        time.sleep(self.seconds)
+        return self.preparer(path)
+
+
+def slow_extractor(checkpoint, seconds: float = 0.5):
+    extractor = checkpoint_extractor(checkpoint)
+    extractor.preparer = SlowPreparer(extractor.preparer, seconds)
+    return extractor
 
 
 def killing_extractor(checkpoint, once, always, markers):
