@@ -7,8 +7,8 @@ CPU or random InternVL2-1B/8B-sized configs (bf16, GPU).
 --stage lite: FVQ-Rater (the teacher) against fvq_rater_lite (the student), end to end on the same
 demo-scale clips, decoding included: seconds per video and peak memory of each, each in its own
 process; and the student's import plus first score in a fresh interpreter.
---stage ray: `score --engine ray` against the local Scorer on the same clips: throughput of each
-(the Ray run includes its actors' start, not the cluster's), and the per-video cost of each stage.
+--stage ray: `score --engine ray` against the local Scorer on the same videos: each one's start and
+per-video cost, measured apart, and the per-video cost of each pipeline stage.
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def save(result: dict, path) -> None:
     write_atomically(path, json.dumps(result, indent=2, default=str))
 
 
-def _time_scorer(checkpoint: str, clips: list[str], device: str, batch_size: int, workers: int = 0) -> dict:
+def _time_scorer(checkpoint: str, clips: list[str], device: str, batch_size: int) -> dict:
     """In a worker process: load, score one clip (lazy loads), then time scoring all clips (no feature cache)."""
     import resource
 
@@ -193,7 +193,7 @@ def _time_scorer(checkpoint: str, clips: list[str], device: str, batch_size: int
 
     started = time.perf_counter()
     scorer = (LiteScorer if is_student(checkpoint) else Scorer).from_pretrained(checkpoint, device=device,
-                                                                                  batch_size=batch_size, workers=workers)
+                                                                                  batch_size=batch_size)
     scorer.score(clips[:1], progress=False)
     load = time.perf_counter() - started
     started = time.perf_counter()
