@@ -2,8 +2,8 @@
 
 Every video is a smooth random pan/zoom over one face (an identity) in a photo that ships inside an
 installed package, given its own look (mirrored or not, hue, saturation, white balance, a soft side
-light: content, not quality) and degraded by up to seven degradations, each with a severity s_k in
-[0, 1] (0 = off):
+light, in half the videos another background behind the person: content, not quality) and degraded
+by up to seven degradations, each with a severity s_k in [0, 1] (0 = off):
 
     blur         gaussian blur, sigma up to 3.5 px
     noise        additive gaussian noise, std up to 40 grey levels
@@ -33,6 +33,11 @@ what a rater does on unseen faces. The identities (licences as their packages st
     group_1..6    insightface data/images/t1.jpg, one identity per person, each cropped inside the part
                   of the photo that shows no other face: no licence stated
 (insightface's Tom_Hanks_54745.png is left out: at 112x112 px every crop of it would be upscaled.)
+Backgrounds put behind the person (cut out by the portrait stream's person-segmentation model), in
+half the videos of the identities: scikit-image's brick.png, grass.png and gravel.png (CC0 textures
+from cc0textures.com), scikit-learn's china.jpg and flower.jpg (CC BY 2.0, danielbuechele and
+vultilion on Flickr) and pyiqa's Kodak kodim03, kodim06, kodim08 and kodim19 (as above). None shows
+a face, and every split draws from all of them: they vary the content, not the identities.
 The no_face corner case uses scikit-image's coffee.png (CC0, Rachel Michetti), chelsea.png (CC0,
 Stefan van der Walt) and rocket.jpg (NASA, public domain). Nothing is downloaded or redistributed:
 the photos are read from the installed packages when the set is built.
@@ -63,7 +68,7 @@ from fvq_plugin.data import SPLITS
 from fvq_plugin.errors import InputError
 from fvq_plugin.video import write_video
 
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 MARKER = ".fvq-demo-set"  # written first by every build: only folders holding it are ever replaced
 SPLIT_FRACTIONS = {"train": 0.80, "val": 0.05, "test": 0.15}
 # 400 videos: 320 to train on, 60 to test; a tiny rater generalises far better than from 160.
@@ -141,6 +146,16 @@ SCENES = {  # no face: the no_face corner case
     "rocket": Source("skimage", "data/rocket.jpg", (0.35, 0.35, 0.65, 0.65)),
 }
 SOURCES = {**IDENTITIES, **SCENES}
+_KODAK = "../ResultsCalibra/ref_dir/I{:02d}.bmp"
+BACKGROUNDS = {  # behind the person in BACKGROUND_SHARE of the videos; the focus is unused
+    "brick": Source("skimage", "data/brick.png", (0, 0, 1, 1)),
+    "grass": Source("skimage", "data/grass.png", (0, 0, 1, 1)),
+    "gravel": Source("skimage", "data/gravel.png", (0, 0, 1, 1)),
+    "china": Source("sklearn", "datasets/images/china.jpg", (0, 0, 1, 1)),
+    "flower": Source("sklearn", "datasets/images/flower.jpg", (0, 0, 1, 1)),
+    **{f"kodim{i:02d}": Source("pyiqa", _KODAK.format(i), (0, 0, 1, 1)) for i in (3, 6, 8, 19)},
+}
+BACKGROUND_SHARE = 0.5
 # Identities per split; the rest train. Whole identities go to one split, so test faces are never seen in training.
 HELD_OUT_IDENTITIES = {"test": 2, "val": 1}
 # The multi_face corner case shows the test identities side by side (no photo in the packages holds only them).
@@ -159,6 +174,7 @@ class Look:
     white_balance: tuple[float, float, float]  # gains on R, G, B
     light_angle: float  # radians: the direction in which a soft light ramp brightens the frame
     light_ramp: float   # brightness goes from 1 - light_ramp to 1 + light_ramp across the frame
+    background: str | None = None  # a BACKGROUNDS key behind the person; None: the photo's own
 
     @classmethod
     def draw(cls, rng: np.random.Generator) -> "Look":
@@ -170,7 +186,9 @@ class Look:
                    saturation=round(1.0 + uniform(MAX_SATURATION_CHANGE), 4),
                    white_balance=tuple(round(float(gain), 4) for gain in gains / gains.mean()),
                    light_angle=round(float(rng.uniform(0, 2 * np.pi)), 4),
-                   light_ramp=round(float(rng.uniform(0, MAX_LIGHT_RAMP)), 4))
+                   light_ramp=round(float(rng.uniform(0, MAX_LIGHT_RAMP)), 4),
+                   background=(sorted(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))]
+                               if rng.random() < BACKGROUND_SHARE else None))
 
     def colour_matrix(self) -> np.ndarray:
         """RGB -> RGB: hue turn and saturation in YIQ's chroma plane, then the white balance gains."""
@@ -256,12 +274,59 @@ def source_path(source: Source) -> Path:
 
 
 def load_source_image(key: str) -> np.ndarray:
-    """The source image as RGB uint8 (grey images get three equal channels)."""
-    path = source_path(SOURCES[key])
+    """The source (or background) image as RGB uint8 (grey images get three equal channels)."""
+    source = SOURCES.get(key) or BACKGROUNDS[key]
+    path = source_path(source)
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
-        raise ValueError(f"demo source image {SOURCES[key].label} at {path} could not be decoded")
+        raise ValueError(f"demo source image {source.label} at {path} could not be decoded")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+class Backdrops:
+    """An identity's photo with another background behind its person, as a Look asks.
+
+    The person matte comes from the portrait stream's segmentation model, once per identity, over
+    the part of the photo its crops may show; the background image covers that part (scaled, centred).
+    """
+
+    def __init__(self):
+        self._portrait, self._mattes, self._backgrounds = None, {}, {}
+
+    def apply(self, plan: "VideoPlan", image: np.ndarray) -> np.ndarray:
+        if plan.look.background is None:
+            return image
+        height, width = image.shape[:2]
+        x0, y0, x1, y1 = np.round(np.multiply(IDENTITIES[plan.source].bounds, [width, height] * 2)).astype(int)
+        region = image[y0:y1, x0:x1]
+        matte = self._matte(plan.source, region)
+        background = self._cover(plan.look.background, region.shape[1], region.shape[0])
+        composed = image.copy()
+        composed[y0:y1, x0:x1] = cv2.blendLinear(region, background, matte, 1.0 - matte)
+        return composed
+
+    def _matte(self, name: str, region: np.ndarray) -> np.ndarray:
+        if name not in self._mattes:
+            from fvq_plugin.features.portrait import PortraitFeatures
+
+            self._portrait = self._portrait or PortraitFeatures()
+            # The model takes a square: a tall strip of a group photo, stretched, loses its people's outlines.
+            height, width = region.shape[:2]
+            side = max(height, width)
+            top, left = (side - height) // 2, (side - width) // 2
+            square = cv2.copyMakeBorder(region, top, side - height - top, left, side - width - left, cv2.BORDER_CONSTANT)
+            self._mattes[name] = self._portrait.matte(square[None])[0, top:top + height, left:left + width]
+        return self._mattes[name]
+
+    def _cover(self, name: str, width: int, height: int) -> np.ndarray:
+        if name not in self._backgrounds:
+            self._backgrounds[name] = load_source_image(name)
+        background = self._backgrounds[name]
+        scale = max(width / background.shape[1], height / background.shape[0])
+        scaled = cv2.resize(background, (math.ceil(background.shape[1] * scale), math.ceil(background.shape[0] * scale)),
+                            interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        top, left = (scaled.shape[0] - height) // 2, (scaled.shape[1] - width) // 2
+        return np.ascontiguousarray(scaled[top:top + height, left:left + width])
 
 
 def _video_rng(seed: int, index: int, stream: int) -> np.random.Generator:
@@ -315,6 +380,9 @@ def assign_identities(seed: int) -> dict[str, tuple[str, ...]]:
 def _plan_video(index: int, split: str, corner_case: str | None, source: str, seed: int,
                 frames: int, size: int) -> VideoPlan:
     rng = _video_rng(seed, index, PLAN_STREAM)
+    look = Look.draw(_video_rng(seed, index, LOOK_STREAM))
+    if source not in IDENTITIES:  # scenes have no person, the composed group keeps its own edges
+        look = dataclasses.replace(look, background=None)
     width, height = size, size
     if corner_case == "portrait":
         width, height = (_even(size * factor) for factor in PORTRAIT_ASPECT)
@@ -323,7 +391,7 @@ def _plan_video(index: int, split: str, corner_case: str | None, source: str, se
         frames=SHORT_FRAMES if corner_case == "short" else frames, width=width, height=height,
         severities=_draw_severities(rng), overexposed=bool(rng.random() < 0.5),
         mos_noise=round(float(rng.normal(0.0, MOS_NOISE_STD)), 4),
-        look=Look.draw(_video_rng(seed, index, LOOK_STREAM)))
+        look=look)
 
 
 def _slot_sources(slots: list[tuple[str, str | None]], identities: dict[str, tuple[str, ...]]) -> list[str]:
@@ -559,6 +627,7 @@ def _write_labels_and_meta(out_dir: Path, plans: list[VideoPlan], seed: int,
             "severity_weights": SEVERITY_WEIGHTS,
             "identities": {split: list(identities[split]) for split in SPLITS},
             "identity_sources": {name: IDENTITIES[name].label for name in sorted(IDENTITIES)},
+            "background_sources": {name: source.label for name, source in sorted(BACKGROUNDS.items())},
             "videos": videos}
     (out_dir / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
 
@@ -614,9 +683,10 @@ def build_demo_set(out_dir, n_videos: int = DEFAULT_VIDEOS, seed: int = 0, progr
     plans = plan_videos(n_videos, seed, frames, size, corner_cases_per_kind)
     _prepare_out_dir(out_dir, overwrite)
     identities = assign_identities(seed)
-    sources = _load_sources(plans, identities)
+    sources, backdrops = _load_sources(plans, identities), Backdrops()
     for plan in tqdm(plans, desc="demo videos", unit="video", disable=not progress):
-        render_video(plan, seed, out_dir / plan.split / "videos" / plan.name, *sources[plan.source])
+        source, image = sources[plan.source]
+        render_video(plan, seed, out_dir / plan.split / "videos" / plan.name, source, backdrops.apply(plan, image))
     videos = [_video_meta(plan, identities, sources[plan.source][0]) for plan in plans]
     _write_labels_and_meta(out_dir, plans, seed, identities, videos)
     return _summarize(videos, out_dir, seed, time.perf_counter() - start)
@@ -644,9 +714,10 @@ def build_unlabeled_pool(out_dir, n_videos: int, seed: int = 0, progress: bool =
     train = identities["train"]
     plans = [_plan_video(POOL_FIRST_INDEX + i, UNLABELED, None, train[i % len(train)], seed, frames, size)
              for i in range(n_videos)]
-    sources = {name: (SOURCES[name], load_source_image(name)) for name in train}
+    sources, backdrops = {name: (SOURCES[name], load_source_image(name)) for name in train}, Backdrops()
     for plan in tqdm(plans, desc="unlabeled pool", unit="video", disable=not progress):
-        render_video(plan, seed, pool / "videos" / plan.name, *sources[plan.source])
+        source, image = sources[plan.source]
+        render_video(plan, seed, pool / "videos" / plan.name, source, backdrops.apply(plan, image))
     videos = [_video_meta(plan, identities, sources[plan.source][0]) for plan in plans]
     meta_file.write_text(json.dumps({**wanted, "note": "labels withheld: these MOS are for checking pseudo-labels only",
                                      "videos": videos}, indent=1) + "\n")

@@ -1,5 +1,6 @@
 import dataclasses
 import hashlib
+import itertools
 import json
 import re
 import shutil
@@ -135,6 +136,37 @@ def test_every_identity_is_one_face_inside_its_focus_and_bounds():
         assert fx0 < centre_x < fx1 and fy0 < centre_y < fy1, name
 
 
+def test_another_background_keeps_every_identity_one_face_inside_its_focus():
+    """The person stays whole in front of another background: the face is still the only one, where it was."""
+    from fvq_plugin.features.face import FaceFeatures
+
+    detector, backdrops = FaceFeatures("yunet-sface"), demo_data.Backdrops()
+    plain = plan_videos(60, seed=0, frames=10, size=64)[0]
+    for name, background in zip(demo_data.IDENTITIES, itertools.cycle(demo_data.BACKGROUNDS)):
+        plan = dataclasses.replace(plain, source=name, look=dataclasses.replace(plain.look, background=background))
+        photo = demo_data.load_source_image(name)
+        image = backdrops.apply(plan, photo)
+        height, width = image.shape[:2]
+        x0, y0, x1, y1 = np.round(np.multiply(demo_data.IDENTITIES[name].bounds, [width, height] * 2)).astype(int)
+        changed = np.abs(image.astype(int) - photo).max(axis=2) > 8
+        # Some background went, the person stayed (group_5's strip is mostly table and people: 6% changes).
+        assert 0.05 < changed[y0:y1, x0:x1].mean() < 0.8, (name, background)
+        assert not changed[:, :x0].any() and not changed[:, x1:].any()  # nothing outside the crops' bounds
+        boxes = detector.detect(image[y0:y1, x0:x1])[0] + [x0, y0, x0, y0]
+        assert len(boxes) == 1, (name, background, boxes)
+        centre_x, centre_y = (boxes[0, :2] + boxes[0, 2:]) / 2 / [width, height]
+        fx0, fy0, fx1, fy1 = demo_data.IDENTITIES[name].focus
+        assert fx0 < centre_x < fx1 and fy0 < centre_y < fy1, (name, background)
+
+
+def test_half_the_identity_videos_get_another_background_and_no_other_video_does():
+    plans = plan_videos(400, seed=0)
+    identity_plans = [plan for plan in plans if plan.source in demo_data.IDENTITIES]
+    assert 0.4 < np.mean([plan.look.background is not None for plan in identity_plans]) < 0.6
+    assert {plan.look.background for plan in identity_plans} == {None, *demo_data.BACKGROUNDS}
+    assert all(plan.look.background is None for plan in plans if plan.source not in demo_data.IDENTITIES)
+
+
 def test_a_plain_look_leaves_frames_alone_and_looks_vary():
     frame = demo_data.load_source_image("astronaut")[:96, :128]
     plain = demo_data.Look(flip=False, hue_degrees=0.0, saturation=1.0, white_balance=(1.0, 1.0, 1.0),
@@ -238,7 +270,7 @@ def test_missing_source_is_named():
 
 
 def test_every_source_is_found():
-    assert all(source_path(source).is_file() for source in demo_data.SOURCES.values())
+    assert all(source_path(source).is_file() for source in (*demo_data.SOURCES.values(), *demo_data.BACKGROUNDS.values()))
 
 
 def test_load_summary_recognises_a_finished_build(built):
