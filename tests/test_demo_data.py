@@ -120,20 +120,28 @@ def test_splits_are_content_disjoint_and_seeds_assign_identities_differently(bui
         assert any(demo_data.IDENTITIES[name].fits_portrait for name in demo_data.assign_identities(seed)["test"])
 
 
+def bounds_box(name: str, image: np.ndarray) -> np.ndarray:
+    """x0, y0, x1, y1 in pixels of the part of the identity's photo its crops may show."""
+    height, width = image.shape[:2]
+    return np.round(np.multiply(demo_data.IDENTITIES[name].bounds, [width, height] * 2)).astype(int)
+
+
+def assert_one_face_inside_focus(detector, name: str, image: np.ndarray) -> None:
+    x0, y0, x1, y1 = bounds_box(name, image)
+    boxes = detector.detect(image[y0:y1, x0:x1])[0] + [x0, y0, x0, y0]
+    assert len(boxes) == 1, (name, boxes)
+    centre_x, centre_y = (boxes[0, :2] + boxes[0, 2:]) / 2 / image.shape[1::-1]
+    fx0, fy0, fx1, fy1 = demo_data.IDENTITIES[name].focus
+    assert fx0 < centre_x < fx1 and fy0 < centre_y < fy1, name
+
+
 def test_every_identity_is_one_face_inside_its_focus_and_bounds():
     """The focus box holds the identity's face, and its bounds (the crop limits) show no other face."""
     from fvq_plugin.features.face import FaceFeatures
 
     detector = FaceFeatures("yunet-sface")
-    for name, source in demo_data.IDENTITIES.items():
-        image = demo_data.load_source_image(name)
-        height, width = image.shape[:2]
-        x0, y0, x1, y1 = np.round(np.multiply(source.bounds, [width, height] * 2)).astype(int)
-        boxes = detector.detect(image[y0:y1, x0:x1])[0] + [x0, y0, x0, y0]
-        assert len(boxes) == 1, (name, boxes)
-        centre_x, centre_y = (boxes[0, :2] + boxes[0, 2:]) / 2 / [width, height]
-        fx0, fy0, fx1, fy1 = source.focus
-        assert fx0 < centre_x < fx1 and fy0 < centre_y < fy1, name
+    for name in demo_data.IDENTITIES:
+        assert_one_face_inside_focus(detector, name, demo_data.load_source_image(name))
 
 
 def test_another_background_keeps_every_identity_one_face_inside_its_focus():
@@ -146,17 +154,12 @@ def test_another_background_keeps_every_identity_one_face_inside_its_focus():
         plan = dataclasses.replace(plain, source=name, look=dataclasses.replace(plain.look, background=background))
         photo = demo_data.load_source_image(name)
         image = backdrops.apply(plan, photo)
-        height, width = image.shape[:2]
-        x0, y0, x1, y1 = np.round(np.multiply(demo_data.IDENTITIES[name].bounds, [width, height] * 2)).astype(int)
+        x0, y0, x1, y1 = bounds_box(name, image)
         changed = np.abs(image.astype(int) - photo).max(axis=2) > 8
         # Some background went, the person stayed (group_5's strip is mostly table and people: 6% changes).
         assert 0.05 < changed[y0:y1, x0:x1].mean() < 0.8, (name, background)
         assert not changed[:, :x0].any() and not changed[:, x1:].any()  # nothing outside the crops' bounds
-        boxes = detector.detect(image[y0:y1, x0:x1])[0] + [x0, y0, x0, y0]
-        assert len(boxes) == 1, (name, background, boxes)
-        centre_x, centre_y = (boxes[0, :2] + boxes[0, 2:]) / 2 / [width, height]
-        fx0, fy0, fx1, fy1 = demo_data.IDENTITIES[name].focus
-        assert fx0 < centre_x < fx1 and fy0 < centre_y < fy1, (name, background)
+        assert_one_face_inside_focus(detector, name, image)
 
 
 def test_half_the_identity_videos_get_another_background_and_no_other_video_does():
