@@ -124,6 +124,11 @@ class Source:
     def label(self) -> str:
         return f"{self.package}:{self.relative_path}"
 
+    def bounds_box(self, image_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """The bounds in whole pixels of an image of `image_shape`: x0, y0, x1, y1."""
+        height, width = image_shape[:2]
+        return tuple(int(v) for v in np.round(np.multiply(self.bounds, [width, height] * 2)))
+
 
 # Sources and licences: the module docstring. insightface's mask_*.jpg images are face-mask textures
 # without a face, so they are not used.
@@ -296,8 +301,7 @@ class Backdrops:
     def apply(self, plan: "VideoPlan", image: np.ndarray) -> np.ndarray:
         if plan.look.background is None:
             return image
-        height, width = image.shape[:2]
-        x0, y0, x1, y1 = np.round(np.multiply(IDENTITIES[plan.source].bounds, [width, height] * 2)).astype(int)
+        x0, y0, x1, y1 = IDENTITIES[plan.source].bounds_box(image.shape)
         region = image[y0:y1, x0:x1]
         matte = self._matte(plan.source, region)
         background = self._cover(plan.look.background, region.shape[1], region.shape[0])

@@ -120,14 +120,8 @@ def test_splits_are_content_disjoint_and_seeds_assign_identities_differently(bui
         assert any(demo_data.IDENTITIES[name].fits_portrait for name in demo_data.assign_identities(seed)["test"])
 
 
-def bounds_box(name: str, image: np.ndarray) -> np.ndarray:
-    """x0, y0, x1, y1 in pixels of the part of the identity's photo its crops may show."""
-    height, width = image.shape[:2]
-    return np.round(np.multiply(demo_data.IDENTITIES[name].bounds, [width, height] * 2)).astype(int)
-
-
 def assert_one_face_inside_focus(detector, name: str, image: np.ndarray) -> None:
-    x0, y0, x1, y1 = bounds_box(name, image)
+    x0, y0, x1, y1 = demo_data.IDENTITIES[name].bounds_box(image.shape)
     boxes = detector.detect(image[y0:y1, x0:x1])[0] + [x0, y0, x0, y0]
     assert len(boxes) == 1, (name, boxes)
     centre_x, centre_y = (boxes[0, :2] + boxes[0, 2:]) / 2 / image.shape[1::-1]
@@ -154,7 +148,7 @@ def test_another_background_keeps_every_identity_one_face_inside_its_focus():
         plan = dataclasses.replace(plain, source=name, look=dataclasses.replace(plain.look, background=background))
         photo = demo_data.load_source_image(name)
         image = backdrops.apply(plan, photo)
-        x0, y0, x1, y1 = bounds_box(name, image)
+        x0, y0, x1, y1 = demo_data.IDENTITIES[name].bounds_box(image.shape)
         changed = np.abs(image.astype(int) - photo).max(axis=2) > 8
         # Some background went, the person stayed (group_5's strip is mostly table and people: 6% changes).
         assert 0.05 < changed[y0:y1, x0:x1].mean() < 0.8, (name, background)
