@@ -381,6 +381,7 @@ def _train(args) -> int:
         recipe = recipe.derive(num_frames=args.frames or recipe.num_frames)
         # The toy backbone keeps the demo's cheap SlowFast clip (tiny_rater names the recipe after the change).
         base.update(streams=recipe.streams, num_frames=recipe.num_frames, frame_sampling=recipe.frame_sampling,
+                    face_embedding=recipe.face_embedding,
                     temporal_preprocess=base["temporal_preprocess"] if not args.backbone else recipe.temporal)
         extractor = FeatureExtractor(_feature_config(base, args), device=args.device)
         if args.backbone:

@@ -11,8 +11,9 @@ Two recipes ship:
           slot, LayerNorm-MLP projectors, a 5-layer ReLU score head read at the token before the level
           word, SlowFast over all frames at 448 px, level bins between the training set's min and max.
   fvq     the default for training: FineVQ's conventions wherever FVQ-Rater's published figure does not
-          say otherwise (its authors most likely kept them); the figure adds the portrait, face and
-          temporal projectors and the stage-II answer "The score is", after which the score is read.
+          say otherwise (its authors most likely kept them); the figure adds the portrait, face (unit-length
+          embeddings, as insightface's `normed_embedding`) and temporal projectors and the stage-II
+          answer "The score is", after which the score is read.
 A JSON file with these fields (`--recipe-file`) matches another layout, e.g. the real FVQ-Rater's once
 its files are seen, without a code change.
 """
@@ -36,6 +37,7 @@ PORTRAIT_INPUTS = ("vit", "projected")  # own projector on pixel-shuffled ViT fe
 SCORE_HEADS = ("relu-mlp5", "gelu-mlp2")
 FRAME_SAMPLINGS = ("internvl", "centres")
 TEMPORAL_PREPROCESSING = ("finevq", "kinetics")
+FACE_EMBEDDINGS = ("l2", "raw")         # features/face.py
 LEVEL_BINS = ("min-max", "fixed")
 
 
@@ -84,6 +86,8 @@ class Recipe:
     release_unused: tuple         # prefixes of tensors the release's own code never uses: dropped, and reported
     lora_scaling: float           # alpha / r of LoRA saved un-merged in a release
     mos_range: tuple | None = None  # (min, max) MOS of the training set, for min-max bins; set by training
+    # FACE_EMBEDDINGS: what the face projector reads. Recipes written before this field were all "l2".
+    face_embedding: str = "l2"
 
     def __post_init__(self):
         problems = self._type_problems()
@@ -91,7 +95,8 @@ class Recipe:
             raise RecipeError(f"recipe {self.name!r}: " + "; ".join(problems))
         for name, allowed in (("chat_template", CHAT_TEMPLATES), ("portrait_input", PORTRAIT_INPUTS),
                               ("score_head", SCORE_HEADS), ("frame_sampling", FRAME_SAMPLINGS),
-                              ("temporal", TEMPORAL_PREPROCESSING), ("level_bins", LEVEL_BINS)):
+                              ("temporal", TEMPORAL_PREPROCESSING), ("level_bins", LEVEL_BINS),
+                              ("face_embedding", FACE_EMBEDDINGS)):
             if getattr(self, name) not in allowed:
                 problems.append(f"{name} is {getattr(self, name)!r}, expected one of {', '.join(allowed)}")
         for stream, kind in self.projectors.items():
@@ -155,7 +160,8 @@ class Recipe:
         if not isinstance(data, dict):
             raise RecipeError(f"{origin}: a recipe is a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown, missing = sorted(set(data) - names), sorted(names - set(data) - {"mos_range"})
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        unknown, missing = sorted(set(data) - names), sorted(names - set(data) - optional)
         if unknown or missing:
             raise RecipeError(f"{origin}: unknown recipe fields {unknown}, missing fields {missing}"
                               if unknown and missing else

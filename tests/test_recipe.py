@@ -17,6 +17,9 @@ def test_recipes_round_trip_and_refuse_unknown_or_missing_fields(tmp_path):
     data = FVQ.to_dict()
     with pytest.raises(RecipeError, match=r"unknown recipe fields \['readout'\]"):
         Recipe.from_dict({**data, "readout": -4})
+    # Fields added later have the value every recipe before them had: older files still load, unchanged.
+    del data["mos_range"], data["face_embedding"]
+    assert Recipe.from_dict(data) == FVQ
     del data["score_head"]
     with pytest.raises(RecipeError, match=r"missing recipe fields \['score_head'\]"):
         Recipe.from_dict(data)
@@ -37,7 +40,8 @@ def test_recipes_round_trip_and_refuse_unknown_or_missing_fields(tmp_path):
 def test_hand_written_recipe_values_have_their_types_checked():
     for changes, message in ((dict(bos="false"), "bos must be true/false"), (dict(num_frames=8.0), "num_frames must be"),
                              (dict(mos_range=[1]), "mos_range must be"), (dict(projectors=["temporal"]), "projectors"),
-                             (dict(answer="The {x} is {level}."), "no other placeholder")):
+                             (dict(answer="The {x} is {level}."), "no other placeholder"),
+                             (dict(face_embedding="unit"), "face_embedding is 'unit', expected one of l2, raw")):
         with pytest.raises(RecipeError, match=message):
             FVQ.replace(**changes)
 
@@ -54,6 +58,17 @@ def test_unknown_feature_settings_are_an_error():
 
     with pytest.raises(InputError, match=r"unknown feature settings \['face_modles'\]"):
         FeatureConfig.from_dict({"face_modles": "/models"})
+
+
+def test_features_must_give_the_face_embedding_the_recipe_was_trained_on():
+    from fvq_plugin.errors import InputError
+    from fvq_plugin.features import FeatureConfig
+
+    raw = FeatureConfig(face_embedding="raw")
+    with pytest.raises(InputError, match="face_embedding is 'raw' where the recipe says 'l2'"):
+        raw.check_recipe(FVQ, FVQ.streams)
+    raw.check_recipe(FVQ.replace(face_embedding="raw"), FVQ.streams)
+    raw.check_recipe(FINEVQ, FINEVQ.streams)  # no face stream
 
 
 def test_derived_recipes_say_what_changed():

@@ -28,8 +28,11 @@ import numpy as np
 from ..common import FACE_MODELS_ENV, file_digest
 from ..errors import InputError
 from ..quiet import native_stderr_filtered
+from ..recipe import FACE_EMBEDDINGS
 
 FACE_BACKENDS = ("yunet-sface", "insightface")
+# FACE_EMBEDDINGS: "l2" gives unit vectors (insightface's `normed_embedding`); "raw" the network's output (its
+# `embedding`), whose norm falls as a face gets harder to recognise: a quality cue (MagFace, CVPR 2021).
 FACE_CHOICE = "max area*(1-0.5*r), r = centre distance / half diagonal"
 
 # YuNet's cost grows with the pixel count: frames are shrunk to this longer side for detection
@@ -45,7 +48,7 @@ _INSIGHTFACE_DET_SIZE = (640, 640)
 class FaceResult:
     """One row per frame; rows without a face are zeros with ``mask`` False."""
 
-    embeds: np.ndarray  # float32 [N, dim], L2-normalised
+    embeds: np.ndarray  # float32 [N, dim]: L2-normalised, or as the network gives them (FACE_EMBEDDINGS)
     mask: np.ndarray  # bool [N]
     boxes: np.ndarray  # float32 [N, 4] x1, y1, x2, y2 in pixels, clipped to the frame
     scores: np.ndarray  # float32 [N] detector confidence
@@ -251,9 +254,12 @@ class FaceFeatures:
     first use. ``device`` is not part of ``config()``: CPU and GPU differ only by float noise.
     """
 
-    def __init__(self, backend: str = "yunet-sface", model_dir=None, det_threshold: float = 0.6, device="cpu"):
+    def __init__(self, backend: str = "yunet-sface", model_dir=None, det_threshold: float = 0.6, device="cpu",
+                 embedding: str = "l2"):
         if backend not in FACE_BACKENDS:
             raise InputError(f"face backend must be one of {FACE_BACKENDS}; got {backend!r}")
+        if embedding not in FACE_EMBEDDINGS:
+            raise InputError(f"face embedding must be one of {FACE_EMBEDDINGS}; got {embedding!r}")
         device = str(device)
         if backend == "yunet-sface":
             if model_dir is not None:
@@ -271,6 +277,7 @@ class FaceFeatures:
             "models": {role: _file_record(path) for role, path in self._backend.files.items()},
             "face_choice": FACE_CHOICE,
             "crop_size": self._backend.crop_size,
+            "embedding": embedding,
         }
 
     def config(self) -> dict:
@@ -307,5 +314,7 @@ class FaceFeatures:
             crops.append(_align(frame, kps[j], self._backend.crop_size))
         if crops:  # one batched forward pass for all chosen faces
             emb = np.asarray(self._backend.embed(np.stack(crops)), np.float32)
-            out.embeds[out.mask] = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            if self._config["embedding"] == "l2":
+                emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            out.embeds[out.mask] = emb
         return out

@@ -38,6 +38,7 @@ class FeatureConfig:
     face_backend: str = "yunet-sface"
     face_models: str | None = None        # insightface model directory (else env FVQ_FACE_MODELS)
     face_threshold: float = 0.6
+    face_embedding: str = "l2"            # recipe.FACE_EMBEDDINGS
     portrait_model: str | None = None     # a .tflite selfie-segmentation model (else the shipped one)
     temporal_weights: str | None = None   # SlowFast-R50 checkpoint
     temporal_random: bool = False         # random SlowFast weights: tests and the demo only
@@ -64,6 +65,8 @@ class FeatureConfig:
         wanted = {"num_frames": recipe.num_frames, "frame_sampling": recipe.frame_sampling}
         if "temporal" in streams:
             wanted["temporal_preprocess"] = recipe.temporal
+        if "face" in streams:
+            wanted["face_embedding"] = recipe.face_embedding
         wrong = [f"{name} is {getattr(self, name)!r} where the recipe says {value!r}"
                  for name, value in wanted.items() if getattr(self, name) != value]
         if wrong:
@@ -89,7 +92,7 @@ class FramePreparer:
             from .face import FaceFeatures
 
             self.face = FaceFeatures(backend=config.face_backend, model_dir=config.face_models,
-                                     det_threshold=config.face_threshold,
+                                     det_threshold=config.face_threshold, embedding=config.face_embedding,
                                      device=str(device) if config.face_backend == "insightface" else "cpu")
         if "temporal" in config.streams:
             from .temporal import preprocess_clip
