@@ -19,13 +19,17 @@ from .features import FeatureConfig, FeatureExtractor
 from .recipe import FVQ
 
 # Small enough for 2 CPU cores in minutes; everything else is the production code path.
-DEMO_FEATURES = FeatureConfig(image_size=64, face_backend="yunet-sface", temporal_random=True,
+# The face stream reads SFace's embeddings as the network gives them: their norm says how recognisable the
+# face is, the quality cue that carries over to faces the rater never saw (see README, "The demo").
+DEMO_FEATURES = FeatureConfig(image_size=64, face_backend="yunet-sface", face_embedding="raw", temporal_random=True,
                               temporal_preprocess="kinetics", temporal_size=64, temporal_frames=16)
 # `compare` at the end of the demo: the tiny FVQ-Rater against every baseline that runs offline.
 DEMO_COMPARISON = ("fvq_rater", "piqe", "niqe", "viideo")
 # The demo's MOS are absolute (a documented function of the degradations' severity on 0-100), so its five
 # levels are the fixed 20-point bins rather than FineVQ's bins between the training set's min and max.
-DEMO_RECIPE = FVQ.derive(level_bins="fixed")
+# A LayerNorm would divide the face embedding's norm away, so the face projector is a plain MLP.
+DEMO_RECIPE = FVQ.derive(level_bins="fixed", face_embedding=DEMO_FEATURES.face_embedding,
+                         projectors={**FVQ.projectors, "face": "mlp"})
 
 
 @dataclass

@@ -71,6 +71,13 @@ def test_features_must_give_the_face_embedding_the_recipe_was_trained_on():
     raw.check_recipe(FINEVQ, FINEVQ.streams)  # no face stream
 
 
+def test_the_demo_rater_reads_the_norm_of_the_face_embeddings_its_features_give():
+    from fvq_plugin.demo import DEMO_FEATURES, DEMO_RECIPE
+
+    assert DEMO_RECIPE.face_embedding == DEMO_FEATURES.face_embedding == "raw"
+    assert DEMO_RECIPE.projectors["face"] == "mlp"  # a LayerNorm first would divide the norm away
+
+
 def test_derived_recipes_say_what_changed():
     assert FVQ.derive(num_frames=8) is FVQ
     assert FVQ.derive(num_frames=4, temporal="kinetics").name == "fvq[num_frames=4,temporal=kinetics]"

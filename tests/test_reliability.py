@@ -34,7 +34,7 @@ def learning(tmp_path_factory):
 def train_on_some_identities(folder, seed: int):
     """A tiny rater trained (stage I 1 epoch, stage II 12) on the train split of a 240-video demo set, its
     extractor, and the 48 videos of the set's val and test splits: three identities the rater never saw."""
-    from fvq_plugin.demo import DEMO_RECIPE
+    from fvq_plugin.demo import DEMO_FEATURES, DEMO_RECIPE
     from fvq_plugin.demo_data import build_demo_set
     from fvq_plugin.features import FeatureConfig, FeatureExtractor
     from fvq_plugin.scoring import split_features
@@ -46,7 +46,8 @@ def train_on_some_identities(folder, seed: int):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random SlowFast: said loudly, tested elsewhere
         extractor = FeatureExtractor(FeatureConfig(num_frames=4, image_size=64, temporal_random=True,
-                                                   temporal_preprocess="kinetics", temporal_size=32, temporal_frames=8))
+                                                   temporal_preprocess="kinetics", temporal_size=32, temporal_frames=8,
+                                                   face_embedding=DEMO_FEATURES.face_embedding))
     train_set = split_features(data, "train", extractor, folder / "cache", progress=False)[:2]
     model = tiny_rater(extractor, seed=0, recipe=DEMO_RECIPE)
     for stage, epochs in ((1, 1), (2, 12)):
