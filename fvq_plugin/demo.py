@@ -20,7 +20,7 @@ from .recipe import FVQ
 
 # Small enough for 2 CPU cores in minutes; everything else is the production code path.
 # The face stream reads SFace's embeddings as the network gives them: their norm says how recognisable the
-# face is, the quality cue that carries over to faces the rater never saw (see README, "The demo").
+# face is, the quality cue that carries over to faces the rater never saw (README, "What `fvq-rater demo` does").
 DEMO_FEATURES = FeatureConfig(image_size=64, face_backend="yunet-sface", face_embedding="raw", temporal_random=True,
                               temporal_preprocess="kinetics", temporal_size=64, temporal_frames=16)
 # `compare` at the end of the demo: the tiny FVQ-Rater against every baseline that runs offline.
