@@ -80,7 +80,7 @@ def test_insightface_runs_on_the_extractors_device(monkeypatch):
     class Recorded:
         dim = 512
 
-        def __init__(self, backend, model_dir, det_threshold, device):
+        def __init__(self, backend, model_dir, det_threshold, device, embedding):
             devices.append((backend, device))
 
     monkeypatch.setattr(face_module, "FaceFeatures", Recorded)
