@@ -267,7 +267,7 @@ class FaceFeatures:
             self._backend = _YuNetSFace(det_threshold, device)
         else:
             self._backend = _InsightFace(model_dir, det_threshold, device)
-        self.backend = backend
+        self.backend, self.embedding = backend, embedding
         self.dim = self._backend.dim
         self._config = {
             "backend": backend,
@@ -314,7 +314,7 @@ class FaceFeatures:
             crops.append(_align(frame, kps[j], self._backend.crop_size))
         if crops:  # one batched forward pass for all chosen faces
             emb = np.asarray(self._backend.embed(np.stack(crops)), np.float32)
-            if self._config["embedding"] == "l2":
+            if self.embedding == "l2":
                 emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
             out.embeds[out.mask] = emb
         return out
