@@ -116,14 +116,22 @@ def internvl_indices(n_total: int, n: int) -> np.ndarray:
     return np.array([int(segment / 2 + np.round(segment * i)) for i in range(n)], dtype=np.int64)
 
 
-SAMPLERS = {"internvl": internvl_indices, "centres": uniform_indices}
-assert set(SAMPLERS) == set(FRAME_SAMPLINGS), "every recipe frame sampling needs its function here"
+def leading_indices(n_total: int, n: int) -> np.ndarray:
+    """The first `n` frames (spread over all of them when n_total < n): only the clip's start is decoded,
+    which is what a screening model that cannot afford to decode the whole clip reads."""
+    if n_total < 1 or n < 1:
+        raise ValueError(f"need n_total >= 1 and n >= 1, got n_total={n_total}, n={n}")
+    return np.arange(n, dtype=np.int64) * min(n_total, n) // n
+
+
+SAMPLERS = {"internvl": internvl_indices, "centres": uniform_indices, "leading": leading_indices}
+assert set(FRAME_SAMPLINGS) <= set(SAMPLERS), "every recipe frame sampling needs its function here"
 
 
 def frame_indices(n_total: int, n: int, sampling: str = "centres") -> np.ndarray:
     """The `n` frame indices a recipe's frame sampling picks from `n_total` frames."""
     if sampling not in SAMPLERS:
-        raise ValueError(f"unknown frame sampling {sampling!r}; expected one of {', '.join(FRAME_SAMPLINGS)}")
+        raise ValueError(f"unknown frame sampling {sampling!r}; expected one of {', '.join(SAMPLERS)}")
     return SAMPLERS[sampling](n_total, n)
 
 

@@ -65,6 +65,17 @@ def test_internvl_sampling_is_internvls_get_index():
         frame_indices(10, 2, "random")
 
 
+def test_leading_sampling_is_the_first_frames():
+    assert frame_indices(300, 4, "leading").tolist() == [0, 1, 2, 3]
+    assert frame_indices(3, 8, "leading").tolist() == [0, 0, 0, 1, 1, 1, 2, 2]  # a short clip, spread as the others
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_frames_are_the_first_frames_of_the_file(video, backend):
+    clip = sample_frames(video, 6, backend, sampling="leading")
+    assert [frame_index(f) for f in clip.frames] == list(range(6))
+
+
 def test_uniform_indices():
     assert uniform_indices(300, 8).tolist() == [18, 56, 93, 131, 168, 206, 243, 281]
     assert uniform_indices(3, 8).tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
