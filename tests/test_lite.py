@@ -1,6 +1,7 @@
 """fvq_rater_lite: distillation from the tiny FVQ-Rater, the student as a metric (pyiqa, score, compare), ONNX, bench."""
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -87,6 +88,20 @@ def test_a_rerun_reuses_pseudo_labels_and_cached_inputs(distilled, checkpoint, d
     assert json.loads((out / "student" / "fvq_rater_lite.json").read_text())["trained"]["init"] == str(out / "student")
 
 
+def test_the_student_can_read_the_clips_first_frames(distilled, checkpoint, demo_set, pool, feature_cache, videos,
+                                                     tmp_path):
+    out = tmp_path / "leading"
+    out.mkdir()
+    shutil.copy(distilled[0] / "pseudo-labels-0.jsonl", out)  # the teacher's labels, not computed again
+    assert main(["distill", "--teacher", str(checkpoint), "--data", str(demo_set), "--unlabeled", str(pool),
+                 "--out", str(out), "--cache", str(feature_cache), "--epochs", "1", "--batch-size", "16",
+                 "--student-sampling", "leading"]) == 0
+    saved = json.loads((out / "student" / "fvq_rater_lite.json").read_text())
+    assert saved["config"]["frame_sampling"] == "leading"
+    (result,) = LiteScorer.from_pretrained(out / "student").score(videos[:1], progress=False)
+    assert 0 <= result["score"] <= 100
+
+
 def test_self_training_round_fine_tunes_the_teacher_and_labels_again(checkpoint, demo_set, pool, distilled,
                                                                      feature_cache, tmp_path):
     out = tmp_path / "rounds"
@@ -97,6 +112,21 @@ def test_self_training_round_fine_tunes_the_teacher_and_labels_again(checkpoint,
     assert report["final_teacher"] == str(out / "teacher-round1" / "best")
     first, second = (read_results(out / f"pseudo-labels-{k}.jsonl") for k in (0, 1))
     assert [first[p]["score"] for p in first] != [second[p]["score"] for p in first]
+
+
+@pytest.mark.parametrize("sampling, searches", [("leading", 2), ("centres", 4)])
+def test_the_face_found_first_crops_the_later_leading_frames_spread_frames_are_each_searched(sampling, searches):
+    from fvq_plugin.lite import LitePreparer
+
+    preparer = LitePreparer(LiteConfig(num_frames=4, frame_sampling=sampling))
+    searched = []
+    detect = preparer.detector.detect
+    preparer.detector.detect = lambda frame: searched.append(frame) or detect(frame)
+    astronaut = skimage.data.astronaut()
+    inputs = preparer.from_frames(np.stack([np.zeros_like(astronaut)] + [astronaut] * 3))
+    assert inputs["face_mask"].tolist() == [False, True, True, True]
+    assert len(searched) == searches
+    assert torch.equal(inputs["faces"][1], inputs["faces"][3]) and inputs["faces"][0].sum() == 0
 
 
 def test_onnx_export_scores_as_torch_does(student, videos, tmp_path):
