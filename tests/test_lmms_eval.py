@@ -188,6 +188,12 @@ def test_discovery_imports_nothing_heavy_and_steps_aside_once_both_frameworks_ar
     assert _python(f"import sys, pyiqa, lmms_eval.tasks; print({watching})") == "False"
 
 
+def test_a_spec_looked_up_before_the_import_does_not_use_up_the_hook():
+    code = ("import importlib.util; importlib.util.find_spec('pyiqa'); import pyiqa; "
+            "print('fvq_rater' in pyiqa.list_models())")
+    assert _python(code) == "True"
+
+
 def test_discovery_can_be_switched_off():
     code = "import pyiqa; print('fvq_rater' in pyiqa.list_models())"
     assert _python(code, FVQ_PLUGIN_DISCOVERY="0") == "False"

@@ -58,17 +58,22 @@ class _AfterImport:
             return None
         if spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
-        del self.pending[name]
-        if not self.pending:
-            sys.meta_path.remove(self)
         load = spec.loader.exec_module
 
         def exec_module(module):
             load(module)
+            # Forgotten only now: importlib.util.find_spec (demo_data locates package files with it) asks for a
+            # spec without importing, and a module whose import fails is imported afresh next time.
+            self.forget(name)
             _run(hook, name, module)
 
         spec.loader.exec_module = exec_module
         return spec
+
+    def forget(self, name: str) -> None:
+        self.pending.pop(name, None)
+        if not self.pending and self in sys.meta_path:
+            sys.meta_path.remove(self)
 
 
 def _run(hook, name, module) -> None:
