@@ -95,10 +95,14 @@ def write_video(path: str | os.PathLike, frames: Iterable[np.ndarray], fps: floa
             container.mux(packet)
 
 
-def uniform_indices(n_total: int, n: int) -> np.ndarray:
-    """Centres of `n` equal segments of `n_total` frames; repeats frames when n_total < n."""
+def _check_counts(n_total: int, n: int) -> None:
     if n_total < 1 or n < 1:
         raise ValueError(f"need n_total >= 1 and n >= 1, got n_total={n_total}, n={n}")
+
+
+def uniform_indices(n_total: int, n: int) -> np.ndarray:
+    """Centres of `n` equal segments of `n_total` frames; repeats frames when n_total < n."""
+    _check_counts(n_total, n)
     i = np.arange(n, dtype=np.int64)
     # floor((i + 0.5) * n_total / n) in integers, so no float rounding can shift an index
     return (2 * i + 1) * n_total // (2 * n)
@@ -110,8 +114,7 @@ def internvl_indices(n_total: int, n: int) -> np.ndarray:
     np.round rounds half to even, as theirs does. The last frame is skipped unless the video has
     fewer frames than samples.
     """
-    if n_total < 1 or n < 1:
-        raise ValueError(f"need n_total >= 1 and n >= 1, got n_total={n_total}, n={n}")
+    _check_counts(n_total, n)
     segment = (n_total - 1) / n
     return np.array([int(segment / 2 + np.round(segment * i)) for i in range(n)], dtype=np.int64)
 
@@ -119,8 +122,7 @@ def internvl_indices(n_total: int, n: int) -> np.ndarray:
 def leading_indices(n_total: int, n: int) -> np.ndarray:
     """The first `n` frames (spread over all of them when n_total < n): only the clip's start is decoded,
     which is what a screening model that cannot afford to decode the whole clip reads."""
-    if n_total < 1 or n < 1:
-        raise ValueError(f"need n_total >= 1 and n >= 1, got n_total={n_total}, n={n}")
+    _check_counts(n_total, n)
     return np.arange(n, dtype=np.int64) * min(n_total, n) // n
 
 
