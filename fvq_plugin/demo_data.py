@@ -124,10 +124,22 @@ class Source:
     def label(self) -> str:
         return f"{self.package}:{self.relative_path}"
 
+    def focus_pixels(self, image_shape: tuple[int, ...]) -> np.ndarray:
+        """The focus in pixels of an image of `image_shape`: x0, y0, x1, y1."""
+        return _in_pixels(self.focus, image_shape)
+
+    def bounds_pixels(self, image_shape: tuple[int, ...]) -> np.ndarray:
+        """The bounds in pixels of an image of `image_shape`: x0, y0, x1, y1."""
+        return _in_pixels(self.bounds, image_shape)
+
     def bounds_box(self, image_shape: tuple[int, ...]) -> tuple[int, int, int, int]:
-        """The bounds in whole pixels of an image of `image_shape`: x0, y0, x1, y1."""
-        height, width = image_shape[:2]
-        return tuple(int(v) for v in np.round(np.multiply(self.bounds, [width, height] * 2)))
+        """The bounds in whole pixels: x0, y0, x1, y1."""
+        return tuple(int(v) for v in np.round(self.bounds_pixels(image_shape)))
+
+
+def _in_pixels(region: tuple[float, float, float, float], image_shape: tuple[int, ...]) -> np.ndarray:
+    height, width = image_shape[:2]
+    return np.multiply(region, [width, height] * 2)
 
 
 # Sources and licences: the module docstring. insightface's mask_*.jpg images are face-mask textures
@@ -440,10 +452,9 @@ def _crop_windows(image_shape: tuple[int, ...], source: Source, plan: VideoPlan,
                   rng: np.random.Generator) -> np.ndarray:
     """Per frame (centre x, centre y, height) of the crop: an eased pan/zoom between two random
     windows that hold the focus, plus shake jitter."""
-    image_h, image_w = image_shape[:2]
     aspect = plan.width / plan.height
-    fx0, fy0, fx1, fy1 = np.multiply(source.focus, [image_w, image_h, image_w, image_h])
-    bx0, by0, bx1, by1 = np.multiply(source.bounds, [image_w, image_h, image_w, image_h])
+    fx0, fy0, fx1, fy1 = source.focus_pixels(image_shape)
+    bx0, by0, bx1, by1 = source.bounds_pixels(image_shape)
     # Never upscale: a crop with fewer pixels than the video would blur content its MOS calls pristine.
     min_h = max(fy1 - fy0, (fx1 - fx0) / aspect, plan.height)
     max_h = min(by1 - by0, (bx1 - bx0) / aspect, source.max_zoom_out * (fy1 - fy0))
@@ -540,9 +551,8 @@ def compose_group(names: tuple[str, ...], images: dict[str, np.ndarray]) -> tupl
     parts, focus = [], []
     for name in names:
         source, image = IDENTITIES[name], images[name]
-        image_h, image_w = image.shape[:2]
-        fx0, fy0, fx1, fy1 = np.multiply(source.focus, [image_w, image_h, image_w, image_h])
-        bx0, by0, bx1, by1 = np.multiply(source.bounds, [image_w, image_h, image_w, image_h])
+        fx0, fy0, fx1, fy1 = source.focus_pixels(image.shape)
+        bx0, by0, bx1, by1 = source.bounds_pixels(image.shape)
         pad = margin * (fy1 - fy0)
         x0, y0 = round(max(bx0, fx0 - pad)), round(max(by0, fy0 - pad))
         x1, y1 = round(min(bx1, fx1 + pad)), round(min(by1, fy1 + pad))
