@@ -54,10 +54,17 @@ def _feature_overrides(args) -> dict:
 
 
 def _check_runtime(args) -> None:
-    """--device, --attn and --timeout-per-video problems of any command that has them, found before a model is loaded."""
+    """--device, --attn, --workers, --threads and --timeout-per-video problems of any command that has them, found
+    before a model is loaded."""
     timeout = getattr(args, "timeout_per_video", None)
     if timeout is not None and not timeout > 0:
         raise UsageError(f"--timeout-per-video {timeout:g}: give a positive number of seconds")
+    for flag in ("--workers", "--threads"):
+        if (getattr(args, flag[2:], None) or 0) < 0:
+            raise UsageError(f"{flag} {getattr(args, flag[2:])}: give a count, 0 or more")
+    if getattr(args, "threads", None) and (getattr(args, "workers", 0) or timeout is not None):
+        raise UsageError("--threads prepares videos in this process; it does not combine with --workers or "
+                         "--timeout-per-video, which need worker processes")
     if getattr(args, "device", "cpu").startswith("cuda"):
         import torch
 
@@ -93,8 +100,8 @@ def _scorer(args):
     return Scorer.from_pretrained(checkpoint_path(args.weights, "--weights DIR"), device=args.device,
                                   dtype=parse_dtype(args.dtype), device_map=args.device_map, attn_implementation=args.attn,
                                   feature_overrides=_feature_overrides(args), merge_lora=args.merge_lora,
-                                  batch_size=args.batch_size, workers=args.workers, cache_dir=args.cache,
-                                  timeout_per_video=args.timeout_per_video)
+                                  batch_size=args.batch_size, workers=args.workers, threads=args.threads,
+                                  cache_dir=args.cache, timeout_per_video=args.timeout_per_video)
 
 
 def _student_scorer(args):
@@ -107,7 +114,7 @@ def _student_scorer(args):
         raise UsageError(f"{', '.join(given)}: {args.weights} is an fvq_rater_lite student, which has no backbone or "
                          "feature models to set")
     return LiteScorer.from_pretrained(args.weights, device=args.device, batch_size=args.batch_size,
-                                      workers=args.workers, cache_dir=args.cache,
+                                      workers=args.workers, threads=args.threads, cache_dir=args.cache,
                                       timeout_per_video=args.timeout_per_video)
 
 
@@ -188,8 +195,8 @@ def _score_on_ray(args) -> int:
     from .scoring import checkpoint_extractor
 
     require_ray()
-    local_only = [flag for flag, value in (("--workers", args.workers), ("--timeout-per-video", args.timeout_per_video))
-                  if value]
+    local_only = [flag for flag, value in (("--workers", args.workers), ("--threads", args.threads),
+                                           ("--timeout-per-video", args.timeout_per_video)) if value]
     if local_only:
         raise UsageError(f"{', '.join(local_only)}: options of the local engine (Ray's actor pools replace them: "
                          "--prepare-actors, --rate-actors)")
@@ -205,7 +212,8 @@ def _score_on_ray(args) -> int:
     if not Path(args.weights).is_absolute():
         args.weights = str(Path(args.weights).resolve())  # actors may start in another folder
     # Each rating actor builds its scorer as this command would; the feature cache is the pipeline's.
-    actor_args = argparse.Namespace(**{**vars(args), "workers": 0, "cache": None, "timeout_per_video": None})
+    actor_args = argparse.Namespace(**{**vars(args), "workers": 0, "threads": 0, "cache": None,
+                                       "timeout_per_video": None})
     gpus = args.gpus_per_rater if args.gpus_per_rater is not None else float(args.device.startswith("cuda"))
     summary = score_on_ray(paths, args.output, functools.partial(checkpoint_extractor, args.weights, _feature_overrides(args)),
                            functools.partial(_scorer, actor_args), cache_dir=args.cache, batch_size=args.batch_size,
@@ -318,7 +326,8 @@ def _features(args) -> int:
     else:
         config = {"image_size": args.image_size}
     extractor = FeatureExtractor(_feature_config(config, args), device=args.device)
-    features, _, failures = split_features(args.data, args.split, extractor, args.out, args.batch_size, args.workers)
+    features, _, failures = split_features(args.data, args.split, extractor, args.out, args.batch_size, args.workers,
+                                           threads=args.threads)
     for failure in failures:
         print(f"failed: {failure['path']}: {failure['error']}", file=sys.stderr)
     print(f"{len(features)} videos' features cached in {Path(args.out) / extractor.key_digest()}, {len(failures)} failed")
@@ -391,8 +400,10 @@ def _train(args) -> int:
             model = FVQRater.create(config, vlm, tokenizer, base_path=args.backbone)
         else:
             model = tiny_rater(extractor, args.seed, recipe=recipe, lora=lora)
-    train_set = split_features(args.data, "train", extractor, args.cache, args.batch_size, args.workers)
-    val_set = split_features(args.data, "val", extractor, args.cache, args.batch_size, args.workers)
+    train_set = split_features(args.data, "train", extractor, args.cache, args.batch_size, args.workers,
+                               threads=args.threads)
+    val_set = split_features(args.data, "val", extractor, args.cache, args.batch_size, args.workers,
+                             threads=args.threads)
     config = TrainConfig(stage=args.stage, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          grad_accum=args.grad_accum, mixed_precision=args.mixed_precision,
                          gradient_checkpointing=args.gradient_checkpointing, ce_weight=args.ce_weight, seed=args.seed)
@@ -427,7 +438,7 @@ def _bench(args) -> int:
         teacher = checkpoint_path(args.teacher, "--teacher DIR") if args.teacher else None
         if args.weights:
             load_student(args.weights)  # a wrong folder is said before anything is timed
-        result = bench.bench_lite(teacher, args.weights, videos=args.videos, device=args.device)
+        result = bench.bench_lite(teacher, args.weights, videos=args.videos, device=args.device, threads=args.threads)
         table = bench.format_lite(result)
     elif args.stage == "ray":
         from .checkpoint import checkpoint_path
@@ -516,6 +527,12 @@ def _add_output_args(parser):
     parser.add_argument("--csv", help="also write the per-video results as CSV")
 
 
+def _add_parallel_args(parser):
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes decoding ahead")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="threads decoding ahead in this process (no worker start-up: for many short videos)")
+
+
 def _add_runtime_args(parser, weights=True):
     if weights:
         parser.add_argument("--weights", help=f"FVQ-Rater checkpoint folder (default: env {WEIGHTS_ENV})")
@@ -526,7 +543,7 @@ def _add_runtime_args(parser, weights=True):
     parser.add_argument("--device-map", help="e.g. auto: shard the backbone over the visible GPUs")
     parser.add_argument("--attn", choices=ATTENTION, help="attention implementation (default: the model's own)")
     parser.add_argument("--batch-size", type=int, default=8, help="videos per forward")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding ahead")
+    _add_parallel_args(parser)
     parser.add_argument("--cache", help="feature cache folder")
     if weights:
         parser.add_argument("--timeout-per-video", type=float, metavar="SECONDS",
@@ -642,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     features.add_argument("--image-size", type=int, default=448, help="frame size without --weights")
     features.add_argument("--device", default="cpu", help="where SlowFast runs")
     features.add_argument("--batch-size", type=int, default=8, help="videos per batch")
-    features.add_argument("--workers", type=int, default=0, help="DataLoader workers decoding ahead")
+    _add_parallel_args(features)
     _add_feature_args(features)
     features.set_defaults(run=_features)
 
@@ -724,6 +741,8 @@ def build_parser() -> argparse.ArgumentParser:
     benchmark.add_argument("--videos", type=int, help="features, lite and ray stages: videos per measurement "
                                                       "(default 4; ray: 160)")
     benchmark.add_argument("--address", help="ray stage: the Ray cluster to join (default: a local Ray instance)")
+    benchmark.add_argument("--threads", type=int, help="lite stage: preparing threads, against none (default: one "
+                                                       "per core)")
     benchmark.add_argument("--image-size", type=int, default=448, help="features stage: frame size")
     benchmark.add_argument("--temporal", choices=["finevq", "kinetics"], default="finevq",
                            help="features stage: SlowFast preprocessing (finevq: every frame at 448, the fvq recipe's)")

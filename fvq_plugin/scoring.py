@@ -15,7 +15,10 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import tempfile
+import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -155,12 +158,33 @@ def _prepare_in_worker(index: int) -> Extracted:
     return _worker_videos[index]
 
 
+def _in_order(paths, schedule, outcome, window: int) -> Iterator[Extracted]:
+    """Each video's outcome in input order, with at most `window` videos scheduled ahead, so memory stays flat."""
+    pending = deque()
+    for index, path in enumerate(paths):
+        pending.append((path, schedule(index)))
+        if len(pending) == window:
+            yield outcome(*pending.popleft())
+    while pending:
+        yield outcome(*pending.popleft())
+
+
+def _batched(items: Iterator[Extracted], batch_size: int) -> Iterator[list[Extracted]]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _timed_batches(videos: _PreparedVideos, batch_size: int, workers: int, timeout: float) -> Iterator[list[Extracted]]:
     """Like the DataLoader, but a video still being prepared after `timeout` seconds is recorded as
     failed: pebble stops that worker process (a decoder stuck in C code cannot be interrupted from
-    Python) and starts another. Only a bounded window of videos is in flight, so memory stays flat."""
+    Python) and starts another."""
     import multiprocessing
-    from collections import deque
     from concurrent.futures import TimeoutError as FutureTimeout
 
     from pebble import ProcessPool
@@ -173,38 +197,58 @@ def _timed_batches(videos: _PreparedVideos, batch_size: int, workers: int, timeo
         except Exception as error:  # the worker process died (e.g. killed for memory): this video only
             return Extracted(path, None, f"{type(error).__name__}: {error}")
 
-    def in_order(pool):
-        pending = deque()
-        for index, path in enumerate(videos.paths):
-            pending.append((path, pool.schedule(_prepare_in_worker, (index,), timeout=timeout)))
-            if len(pending) == max(2 * batch_size, 2 * workers):
-                yield outcome(*pending.popleft())
-        while pending:
-            yield outcome(*pending.popleft())
-
     with ProcessPool(max_workers=workers, initializer=_start_timed_worker, initargs=(videos,),
                      context=multiprocessing.get_context("forkserver")) as pool:
-        batch = []
-        for item in in_order(pool):
-            batch.append(item)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+        yield from _batched(_in_order(videos.paths, lambda index: pool.schedule(_prepare_in_worker, (index,),
+                                                                                  timeout=timeout),
+                                      outcome, max(2 * batch_size, 2 * workers)), batch_size)
+
+
+def _threaded_batches(videos: _PreparedVideos, batch_size: int, threads: int) -> Iterator[list[Extracted]]:
+    """Preparation in threads of this process, ahead of the model: no worker process to start, and
+    the decoders, OpenCV and onnxruntime let go of the GIL while they work. Each thread prepares
+    with its own copy of the preparer, as a worker process would (detectors are not safe to share)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pickled, local = pickle.dumps(videos), threading.local()
+
+    def prepare(index: int) -> Extracted:
+        if not hasattr(local, "videos"):
+            local.videos = pickle.loads(pickled)
+        return local.videos[index]
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="fvq-prepare") as pool:
+        yield from _batched(_in_order(videos.paths, lambda index: pool.submit(prepare, index),
+                                      lambda _, future: future.result(), max(2 * batch_size, 2 * threads)),
+                            batch_size)
+
+
+def check_parallelism(workers: int = 0, threads: int = 0, timeout: float | None = None) -> None:
+    """Preparation runs in this process, in worker processes or in threads: one at a time."""
+    if workers < 0 or threads < 0:
+        raise InputError(f"workers and threads are counts, got workers={workers}, threads={threads}")
+    if threads and (workers or timeout is not None):
+        raise InputError("threads prepare videos in this process; they do not combine with worker processes "
+                         "(workers, or a timeout per video, which needs processes it can stop)")
 
 
 def extract_features(paths, extractor: FeatureExtractor, cache_dir=None, batch_size: int = 8, workers: int = 0,
-                     progress: bool = True, timeout: float | None = None) -> Iterator[list[Extracted]]:
+                     progress: bool = True, timeout: float | None = None,
+                     threads: int = 0) -> Iterator[list[Extracted]]:
     """Batches of per-video features (or failures), in input order.
 
-    With `timeout` (seconds per video) preparation runs in max(1, workers) processes that are
-    stopped when a video takes longer; that video is recorded as failed and the run goes on.
+    Preparation (decoding, the CPU feature models) runs ahead of the device work in `workers`
+    processes, or in `threads` threads of this process, or else inline. With `timeout` (seconds
+    per video) it runs in max(1, workers) processes that are stopped when a video takes longer;
+    that video is recorded as failed and the run goes on.
     """
+    check_parallelism(workers, threads, timeout)
     cache = FeatureCache(cache_dir, extractor.key_digest()) if cache_dir else None
     videos = _PreparedVideos(paths, extractor.preparer, cache)
     if timeout is not None:
         batches = _timed_batches(videos, batch_size, max(1, workers), timeout)
+    elif threads:
+        batches = _threaded_batches(videos, batch_size, threads)
     else:
         # Workers start from a clean forkserver process: a plain fork of a parent that already ran
         # OpenMP (torch, cv2) deadlocks in the child.
@@ -241,11 +285,12 @@ class Scorer:
     """FVQ-Rater over many videos: one model load, batched features and forwards, resumable output."""
 
     def __init__(self, model, extractor: FeatureExtractor, batch_size: int = 8, workers: int = 0,
-                 cache_dir=None, timeout_per_video: float | None = None):
+                 cache_dir=None, timeout_per_video: float | None = None, threads: int = 0):
         self.model, self.extractor = model.eval(), extractor
-        self.batch_size, self.workers, self.cache_dir = batch_size, workers, cache_dir
+        self.batch_size, self.workers, self.threads, self.cache_dir = batch_size, workers, threads, cache_dir
         if timeout_per_video is not None and not timeout_per_video > 0:
             raise InputError(f"the timeout per video must be a positive number of seconds, got {timeout_per_video}")
+        check_parallelism(workers, threads, timeout_per_video)
         self.timeout_per_video = timeout_per_video
         self.resumed = 0  # videos the last score() call took from its output file
         self._check_compatible()
@@ -316,7 +361,7 @@ class Scorer:
         sink = open_for_appending(output) if output else None
         try:
             for items in extract_features(todo, self.extractor, self.cache_dir, self.batch_size, self.workers, progress,
-                                          self.timeout_per_video):
+                                          self.timeout_per_video, self.threads):
                 for result in self.results(items):
                     done[result["path"]] = result
                     if sink:
@@ -386,13 +431,14 @@ def read_results(output) -> dict:
 
 
 def split_features(root, split: str, extractor: FeatureExtractor, cache_dir=None, batch_size: int = 8,
-                   workers: int = 0, progress: bool = True):
+                   workers: int = 0, progress: bool = True, threads: int = 0):
     """Features and MOS of every readable video of a dataset split, plus the failures."""
     from .data import read_split
 
     records = read_split(root, split)
     features, mos, failures = [], [], []
-    batches = extract_features([r.path for r in records], extractor, cache_dir, batch_size, workers, progress)
+    batches = extract_features([r.path for r in records], extractor, cache_dir, batch_size, workers, progress,
+                               threads=threads)
     items = (item for batch in batches for item in batch)
     for record, item in zip(records, items):
         if item.features is None:

@@ -83,6 +83,33 @@ def test_worker_processes_give_the_same_features(demo_set, extractor):
         assert torch.allclose(a.features["temporal"], b.features["temporal"], atol=1e-5)
 
 
+def test_preparing_threads_give_the_same_features_and_failures_in_order(demo_set, extractor, tmp_path):
+    videos = [r.path for r in read_split(demo_set, "val")][:3]
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"\x00" * 100)
+    paths = [videos[0], broken, *videos[1:]]
+    serial = [i for batch in extract_features(paths, extractor, progress=False) for i in batch]
+    batches = list(extract_features(paths, extractor, threads=2, batch_size=3, progress=False))
+    assert [len(batch) for batch in batches] == [3, 1]
+    threaded = [i for batch in batches for i in batch]
+    assert [i.path for i in threaded] == [str(p) for p in paths]
+    assert threaded[1].features is None and threaded[1].error == serial[1].error
+    for a, b in zip(serial[::2], threaded[::2]):
+        assert torch.equal(a.features["frames"], b.features["frames"])
+        assert torch.equal(a.features["face_embeds"], b.features["face_embeds"])
+        assert torch.allclose(a.features["temporal"], b.features["temporal"], atol=1e-5)
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--threads", "2", "--workers", "2"], "--threads prepares videos in this process; it does not combine with"),
+    (["--threads", "2", "--timeout-per-video", "5"], "--threads prepares videos in this process"),
+    (["--threads", "-1"], "--threads -1: give a count, 0 or more"),
+])
+def test_preparing_threads_do_not_combine_with_worker_processes(options, message, capsys):
+    assert main(["score", "x.mp4", *options]) == 2
+    assert message in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def scorer(checkpoint, feature_cache):
     return Scorer.from_pretrained(checkpoint, cache_dir=feature_cache)

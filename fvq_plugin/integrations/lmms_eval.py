@@ -67,6 +67,7 @@ class FVQRaterLMM(lmms):
         dtype: auto, float32, bfloat16, float16.   device_map: e.g. auto (shard a large backbone).
         attn_implementation: sdpa, flash_attention_2, eager.
         batch_size: videos per forward.   workers: DataLoader processes decoding ahead.
+        threads: threads decoding ahead in this process (instead of workers).
         cache_dir: feature cache folder (a second run skips decoding and feature extraction).
         timeout_per_video: seconds; a video still decoding after this long is answered as failed.
         merge_lora: fold LoRA into the base weights (default true).
@@ -75,7 +76,7 @@ class FVQRaterLMM(lmms):
     """
 
     def __init__(self, pretrained=None, device=None, dtype=None, device_map=None, attn_implementation=None,
-                 batch_size=8, workers=0, cache_dir=None, merge_lora=True, timeout_per_video=None,
+                 batch_size=8, workers=0, threads=0, cache_dir=None, merge_lora=True, timeout_per_video=None,
                  max_batch_size=None,  # lmms-eval's, unused
                  **feature_settings):
         super().__init__()
@@ -96,7 +97,7 @@ class FVQRaterLMM(lmms):
             checkpoint_path(pretrained, "--model_args pretrained=DIR"), device=self._device,
             dtype=parse_dtype(dtype), device_map=device_map, attn_implementation=attn_implementation,
             feature_overrides=feature_settings, merge_lora=str(merge_lora).lower() not in ("false", "0", "no"),
-            batch_size=int(batch_size), workers=int(workers), cache_dir=cache_dir,
+            batch_size=int(batch_size), workers=int(workers), threads=int(threads), cache_dir=cache_dir,
             timeout_per_video=None if timeout_per_video is None else float(timeout_per_video))
 
     @property
