@@ -6,7 +6,8 @@ video, and a cached vs uncached pipeline run.
 CPU or random InternVL2-1B/8B-sized configs (bf16, GPU).
 --stage lite: FVQ-Rater (the teacher) against fvq_rater_lite (the student), end to end on the same
 demo-scale clips, decoding included: seconds per video and peak memory of each, each in its own
-process; and the student's import plus first score in a fresh interpreter.
+process, with videos prepared inline and then in threads ahead of the model (`--threads`, the same
+for both); and the student's import plus first score in a fresh interpreter.
 --stage ray: `score --engine ray` against the local Scorer on the same videos: each one's start and
 per-video cost, measured apart, and the per-video cost of each pipeline stage.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 import tempfile
 import time
@@ -189,8 +191,9 @@ def save(result: dict, path) -> None:
     write_atomically(path, json.dumps(result, indent=2, default=str))
 
 
-def _time_scorer(checkpoint: str, clips: list[str], device: str, batch_size: int) -> dict:
-    """In a worker process: load, score one clip (lazy loads), then time scoring all clips (no feature cache)."""
+def _time_scorer(checkpoint: str, clips: list[str], device: str, batch_size: int, thread_counts) -> dict:
+    """In a worker process: load, score one clip (lazy loads), then time scoring all clips (no feature
+    cache) with videos prepared in each number of threads (0: inline)."""
     import resource
 
     from .lite import LiteScorer, is_student
@@ -201,12 +204,15 @@ def _time_scorer(checkpoint: str, clips: list[str], device: str, batch_size: int
                                                                                   batch_size=batch_size)
     scorer.score(clips[:1], progress=False)
     load = time.perf_counter() - started
-    started = time.perf_counter()
-    results = scorer.score(clips, progress=False)
-    seconds = (time.perf_counter() - started) / len(clips)
-    failed = [r["error"] for r in results if "error" in r]
-    if failed:
-        raise RuntimeError(f"{len(failed)} bench clips failed: {failed[0]}")
+    seconds = {}
+    for threads in thread_counts:
+        scorer.threads = threads
+        started = time.perf_counter()
+        results = scorer.score(clips, progress=False)
+        seconds[str(threads)] = (time.perf_counter() - started) / len(clips)
+        failed = [r["error"] for r in results if "error" in r]
+        if failed:
+            raise RuntimeError(f"{len(failed)} bench clips failed: {failed[0]}")
     return {"seconds_per_video": seconds, "load_and_first_s": load,
             "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -240,37 +246,44 @@ def _demo_clips(folder: Path, videos: int) -> list[str]:
             for i in range(videos)]
 
 
-def bench_lite(teacher=None, student=None, videos: int = 8, device: str = "cpu", batch_size: int = 8) -> dict:
-    """Teacher and student on the same clips (random demo-scale models unless checkpoints are given)."""
+def bench_lite(teacher=None, student=None, videos: int = 8, device: str = "cpu", batch_size: int = 8,
+               threads: int | None = None) -> dict:
+    """Teacher and student on the same clips (random demo-scale models unless checkpoints are given), each
+    with its videos prepared inline and then in `threads` threads (default: one per core) ahead of the model."""
     from .compare import _in_worker
     from .demo_data import DEFAULT_FRAMES, DEFAULT_SIZE
     from .lite import LiteRater, save_student
 
+    thread_counts = (0, threads or os.cpu_count() or 1)
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         teacher = teacher or _demo_teacher(scratch / "teacher")
         if student is None:
             student = save_student(LiteRater(), scratch / "student")
         clips = _demo_clips(scratch, videos)
-        timed = {name: _in_worker(_time_scorer, str(path), clips, device, batch_size)
+        timed = {name: _in_worker(_time_scorer, str(path), clips, device, batch_size, thread_counts)
                  for name, path in (("teacher", teacher), ("student", student))}
         first = _first_score_seconds(str(student), clips[0])
+    seconds = {name: timed[name]["seconds_per_video"] for name in timed}
     return {"videos": videos, "clip": f"{DEFAULT_SIZE}x{DEFAULT_SIZE}, {DEFAULT_FRAMES} frames", "device": device,
             "teacher": {"checkpoint": str(teacher), **timed["teacher"]},
             "student": {"checkpoint": str(student), **timed["student"]},
-            "student_speedup": timed["teacher"]["seconds_per_video"] / timed["student"]["seconds_per_video"],
+            "student_speedup": {count: seconds["teacher"][count] / seconds["student"][count] for count in seconds["teacher"]},
             "student_import_and_first_score_s": first}
 
 
 def format_lite(result: dict) -> str:
+    prepared = {count: "inline" if count == "0" else f"in {count} threads" for count in result["student_speedup"]}
     rows = [f"end to end on {result['videos']} clips ({result['clip']}) on {result['device']}: decoding and every "
             "model included, no feature cache",
-            "           s/video   peak MB   load + first s"]
-    rows += [f"{name:<9} {result[name]['seconds_per_video']:8.4f} {result[name]['peak_memory_mb']:9.0f} "
-             f"{result[name]['load_and_first_s']:16.2f}" for name in ("teacher", "student")]
-    rows += [f"student throughput / teacher throughput: {result['student_speedup']:.1f}x",
-             f"student import + load + first score in a fresh interpreter: "
-             f"{result['student_import_and_first_score_s']:.2f} s"]
+            "          " + "".join(f"{'s/video, ' + where:>22}" for where in prepared.values()) + "   peak MB   load + first s"]
+    for name in ("teacher", "student"):
+        seconds = "".join(f"{result[name]['seconds_per_video'][count]:22.4f}" for count in prepared)
+        rows.append(f"{name:<10}{seconds} {result[name]['peak_memory_mb']:9.0f} {result[name]['load_and_first_s']:16.2f}")
+    rows += [f"student throughput / teacher throughput, both preparing videos {where}: "
+             f"{result['student_speedup'][count]:.1f}x" for count, where in prepared.items()]
+    rows.append(f"student import + load + first score in a fresh interpreter: "
+                f"{result['student_import_and_first_score_s']:.2f} s")
     return "\n".join(rows)
 
 

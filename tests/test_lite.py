@@ -167,11 +167,14 @@ def test_score_eval_and_compare_take_the_student(student, videos, demo_set, tmp_
 def test_bench_lite_times_teacher_and_student_in_one_run(student, checkpoint, tmp_path):
     from fvq_plugin.bench import bench_lite, format_lite
 
-    result = bench_lite(str(checkpoint), str(student), videos=2)
+    result = bench_lite(str(checkpoint), str(student), videos=2, threads=2)
     for side in ("teacher", "student"):
-        assert result[side]["seconds_per_video"] > 0 and result[side]["peak_memory_mb"] > 0
-    assert result["student_speedup"] > 0 and result["student_import_and_first_score_s"] > 0
-    assert "student throughput / teacher throughput" in format_lite(result)
+        assert set(result[side]["seconds_per_video"]) == {"0", "2"}
+        assert min(result[side]["seconds_per_video"].values()) > 0 and result[side]["peak_memory_mb"] > 0
+    assert set(result["student_speedup"]) == {"0", "2"} and min(result["student_speedup"].values()) > 0
+    assert result["student_import_and_first_score_s"] > 0
+    table = format_lite(result)
+    assert "both preparing videos inline" in table and "both preparing videos in 2 threads" in table
 
 
 def test_a_wrong_student_folder_is_named(checkpoint, tmp_path, capsys):
