@@ -10,6 +10,7 @@ most of its cost. `fvq-rater distill` trains it (see distill.py); the checkpoint
 """
 from __future__ import annotations
 
+import copy
 import functools
 import hashlib
 import json
@@ -271,6 +272,25 @@ def load_student(directory, device="cpu") -> LiteRater:
     return model.to(device).eval()
 
 
+def for_inference(model: LiteRater) -> LiteRater:
+    """A copy that scores as `model` does, faster on CPU: each convolution absorbs the batch norm after it
+    (one pass over the activations instead of two) and the weights are laid out channels-last, the
+    layout oneDNN's convolutions run best in."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    fused = copy.deepcopy(model).eval()
+    for name in ("frame_tower", "face_tower"):
+        layers = list(getattr(fused, name))
+        merged = []
+        for layer in layers:
+            if isinstance(layer, nn.BatchNorm2d):
+                merged[-1] = fuse_conv_bn_eval(merged[-1], layer)
+            else:
+                merged.append(layer)
+        setattr(fused, name, nn.Sequential(*merged))
+    return fused.to(memory_format=torch.channels_last)
+
+
 def export_onnx(model: LiteRater, path, batch: int = 2) -> Path:
     """The network as ONNX (batch size free; frames, face size and frame count fixed by the config)."""
     import warnings
@@ -325,7 +345,7 @@ class LiteScorer(Scorer):
     @classmethod
     def from_pretrained(cls, checkpoint, device="cpu", **options) -> "LiteScorer":
         model = load_student(checkpoint, device)
-        return cls(model, LiteExtractor(model.config), **options)
+        return cls(for_inference(model), LiteExtractor(model.config), **options)
 
     @property
     def device(self):

@@ -14,7 +14,8 @@ from fvq_plugin.cli import main
 from fvq_plugin.data import read_split
 from fvq_plugin.demo_data import build_unlabeled_pool
 from fvq_plugin.distill import DistillConfig, distill
-from fvq_plugin.lite import LiteConfig, LiteExtractor, LiteScorer, batch_inputs, check_onnx, load_student, onnx_session
+from fvq_plugin.lite import (LiteConfig, LiteExtractor, LiteScorer, batch_inputs, check_onnx, for_inference, load_student,
+                             onnx_session)
 from fvq_plugin.scoring import Scorer, read_results
 
 POOL = 12
@@ -139,6 +140,16 @@ def test_onnx_export_scores_as_torch_does(student, videos, tmp_path):
     (scores,) = onnx_session(tmp_path / "lite.onnx").run(["score"], {k: v.numpy() for k, v in inputs.items()})
     assert np.abs(scores - expected).max() <= 1e-4
     assert check_onnx(model, tmp_path / "lite.onnx") <= 1e-4
+
+
+def test_the_scoring_copy_with_batch_norms_folded_scores_as_the_trained_network(student, videos):
+    model = load_student(student)
+    inputs = batch_inputs([LiteExtractor(model.config).preparer(path) for path in videos])
+    scoring = for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in scoring.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy: the trained one is kept
+    with torch.no_grad():
+        assert torch.allclose(scoring(**inputs), model(**inputs), atol=1e-4)
 
 
 def test_pyiqa_fvq_rater_lite_scores_a_video_a_frame_tensor_and_an_image(student, videos):
