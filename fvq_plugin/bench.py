@@ -264,11 +264,11 @@ def bench_lite(teacher=None, student=None, videos: int = 8, device: str = "cpu",
         timed = {name: _in_worker(_time_scorer, str(path), clips, device, batch_size, thread_counts)
                  for name, path in (("teacher", teacher), ("student", student))}
         first = _first_score_seconds(str(student), clips[0])
-    seconds = {name: timed[name]["seconds_per_video"] for name in timed}
+    teacher_s, student_s = timed["teacher"]["seconds_per_video"], timed["student"]["seconds_per_video"]
     return {"videos": videos, "clip": f"{DEFAULT_SIZE}x{DEFAULT_SIZE}, {DEFAULT_FRAMES} frames", "device": device,
             "teacher": {"checkpoint": str(teacher), **timed["teacher"]},
             "student": {"checkpoint": str(student), **timed["student"]},
-            "student_speedup": {count: seconds["teacher"][count] / seconds["student"][count] for count in seconds["teacher"]},
+            "student_speedup": {count: teacher_s[count] / student_s[count] for count in teacher_s},
             "student_import_and_first_score_s": first}
 
 
@@ -276,10 +276,11 @@ def format_lite(result: dict) -> str:
     prepared = {count: "inline" if count == "0" else f"in {count} threads" for count in result["student_speedup"]}
     rows = [f"end to end on {result['videos']} clips ({result['clip']}) on {result['device']}: decoding and every "
             "model included, no feature cache",
-            "          " + "".join(f"{'s/video, ' + where:>22}" for where in prepared.values()) + "   peak MB   load + first s"]
+            " " * 10 + "".join(f"{'s/video, ' + where:>22}" for where in prepared.values()) + "   peak MB   load + first s"]
     for name in ("teacher", "student"):
-        seconds = "".join(f"{result[name]['seconds_per_video'][count]:22.4f}" for count in prepared)
-        rows.append(f"{name:<10}{seconds} {result[name]['peak_memory_mb']:9.0f} {result[name]['load_and_first_s']:16.2f}")
+        timed = result[name]
+        seconds = "".join(f"{timed['seconds_per_video'][count]:22.4f}" for count in prepared)
+        rows.append(f"{name:<10}{seconds} {timed['peak_memory_mb']:9.0f} {timed['load_and_first_s']:16.2f}")
     rows += [f"student throughput / teacher throughput, both preparing videos {where}: "
              f"{result['student_speedup'][count]:.1f}x" for count, where in prepared.items()]
     rows.append(f"student import + load + first score in a fresh interpreter: "

@@ -199,9 +199,9 @@ def _timed_batches(videos: _PreparedVideos, batch_size: int, workers: int, timeo
 
     with ProcessPool(max_workers=workers, initializer=_start_timed_worker, initargs=(videos,),
                      context=multiprocessing.get_context("forkserver")) as pool:
-        yield from _batched(_in_order(videos.paths, lambda index: pool.schedule(_prepare_in_worker, (index,),
-                                                                                  timeout=timeout),
-                                      outcome, max(2 * batch_size, 2 * workers)), batch_size)
+        prepared = _in_order(videos.paths, lambda index: pool.schedule(_prepare_in_worker, (index,), timeout=timeout),
+                             outcome, window=max(2 * batch_size, 2 * workers))
+        yield from _batched(prepared, batch_size)
 
 
 def _threaded_batches(videos: _PreparedVideos, batch_size: int, threads: int) -> Iterator[list[Extracted]]:
@@ -218,9 +218,9 @@ def _threaded_batches(videos: _PreparedVideos, batch_size: int, threads: int) ->
         return local.videos[index]
 
     with ThreadPoolExecutor(threads, thread_name_prefix="fvq-prepare") as pool:
-        yield from _batched(_in_order(videos.paths, lambda index: pool.submit(prepare, index),
-                                      lambda _, future: future.result(), max(2 * batch_size, 2 * threads)),
-                            batch_size)
+        prepared = _in_order(videos.paths, lambda index: pool.submit(prepare, index), lambda _, future: future.result(),
+                             window=max(2 * batch_size, 2 * threads))
+        yield from _batched(prepared, batch_size)
 
 
 def check_parallelism(workers: int = 0, threads: int = 0, timeout: float | None = None) -> None:
