@@ -11,6 +11,7 @@ reports the coded size.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import re
 from collections.abc import Iterable
@@ -376,14 +377,14 @@ def _read_pyav(path, counts):
             return replace(info, n_frames=declared, duration=_duration(declared, fps)), None, None
         # Timestamps of every frame, found by demuxing only (cheap: nothing is decoded).
         packets = [(p.pts, p.is_keyframe) for p in container.demux(stream) if p.size]
-    n_frames = declared or len(packets)
-    if n_frames < 1:
-        raise VideoReadError(path, "no video frames")
-    info = replace(info, n_frames=n_frames, duration=_duration(n_frames, fps))
-    if counts is None:
-        return info, None, None
-    unique = _targets(n_frames, counts)
-    frames = _decode_pyav(path, packets, unique, n_frames)
+        n_frames = declared or len(packets)
+        if n_frames < 1:
+            raise VideoReadError(path, "no video frames")
+        info = replace(info, n_frames=n_frames, duration=_duration(n_frames, fps))
+        if counts is None:
+            return info, None, None
+        unique = _targets(n_frames, counts)
+        frames = _decode_pyav(path, container, packets, unique, n_frames)
     height, width = frames.shape[1:3]  # displayed size: a rotated video's differs from the coded one
     return replace(info, width=width, height=height), unique, frames
 
@@ -406,8 +407,9 @@ class _SeekMissed(Exception):
     """A seek landed somewhere other than the keyframe it aimed at."""
 
 
-def _decode_pyav(path, packets, targets, n_frames):
+def _decode_pyav(path, container, packets, targets, n_frames):
     """Decode the frames at sorted unique `targets`, seeking past long runs of unwanted frames.
+    `container` is the open file whose `packets` were demuxed: it seeks back rather than open the file again.
 
     When the timestamps show B-frame reordering they are true presentation times, and a decoded
     frame's index is the rank of its pts; this also holds for open-GOP streams, whose leading
@@ -420,26 +422,28 @@ def _decode_pyav(path, packets, targets, n_frames):
                                    f"{n_frames} frames are in the file (truncated?)")
     timestamps = [pts for pts, _ in packets]
     if None in timestamps or len(set(timestamps)) < len(timestamps):
-        # Without usable timestamps frames can only be counted from the start.
-        return _decode_pyav_frames(path, targets, None, False, [0])
+        # Without usable timestamps frames can only be counted from the start of a freshly opened file.
+        return _decode_pyav_frames(path, None, targets, None, False, [0])
     order = sorted(timestamps)
     rank = {pts: i for i, pts in enumerate(order)}
     keyframes = sorted(rank[pts] for pts, key in packets if key)
     try:
-        return _decode_pyav_frames(path, targets, order, timestamps != order, keyframes)
+        return _decode_pyav_frames(path, container, targets, order, timestamps != order, keyframes)
     except _SeekMissed:
-        # Some containers (MPEG-TS) seek imprecisely; decoding from the start is always right.
-        return _decode_pyav_frames(path, targets, order, timestamps != order, [0])
+        # Some containers (MPEG-TS) seek imprecisely; decoding a freshly opened file from the start is always right.
+        return _decode_pyav_frames(path, None, targets, order, timestamps != order, [0])
 
 
-def _decode_pyav_frames(path, targets, order, by_pts, keyframes):
+def _decode_pyav_frames(path, demuxed, targets, order, by_pts, keyframes):
+    """`demuxed`: the open container, read to its end, which seeks to the first target's keyframe;
+    None: the file is opened afresh and decoded from its start."""
     rank = {pts: i for i, pts in enumerate(order or ())}
     out = _Frames(path, len(targets))
-    with av.open(path) as container:
+    with contextlib.nullcontext(demuxed) if demuxed is not None else av.open(path) as container:
         # PyAV's default threading; frame threading would refill its pipeline after every seek.
         stream = container.streams.video[0]
-        decoded = enumerate(container.decode(stream))
-        position, landing = -1, None
+        decoded = enumerate(container.decode(stream)) if demuxed is None else iter(())
+        position, landing = (-1 if demuxed is None else -2), None  # -2: the first target seeks, even to frame 0
         for target in targets:
             i = bisect.bisect_right(keyframes, target)
             keyframe = keyframes[i - 1] if i else 0
