@@ -191,9 +191,11 @@ def save(result: dict, path) -> None:
     write_atomically(path, json.dumps(result, indent=2, default=str))
 
 
-def _time_scorer(checkpoint: str, clips: list[str], device: str, batch_size: int, thread_counts) -> dict:
-    """In a worker process: load, score one clip (lazy loads), then time scoring all clips (no feature
-    cache) with videos prepared in each number of threads (0: inline)."""
+def _time_scorer(checkpoint: str, clips: list[str], device: str, batch_size: int, thread_counts,
+                 repeats: int = 3) -> dict:
+    """In a worker process: load and score one clip (lazy loads), score one batch untimed (the kernels of a
+    full batch), then time scoring all clips (no feature cache) with videos prepared in each number of
+    threads (0: inline), the median of `repeats` runs."""
     import resource
 
     from .lite import LiteScorer, is_student
@@ -204,15 +206,19 @@ def _time_scorer(checkpoint: str, clips: list[str], device: str, batch_size: int
                                                                                   batch_size=batch_size)
     scorer.score(clips[:1], progress=False)
     load = time.perf_counter() - started
+    scorer.score(clips[:batch_size], progress=False)
     seconds = {}
     for threads in thread_counts:
         scorer.threads = threads
-        started = time.perf_counter()
-        results = scorer.score(clips, progress=False)
-        seconds[str(threads)] = (time.perf_counter() - started) / len(clips)
-        failed = [r["error"] for r in results if "error" in r]
-        if failed:
-            raise RuntimeError(f"{len(failed)} bench clips failed: {failed[0]}")
+        runs = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            results = scorer.score(clips, progress=False)
+            runs.append((time.perf_counter() - started) / len(clips))
+            failed = [r["error"] for r in results if "error" in r]
+            if failed:
+                raise RuntimeError(f"{len(failed)} bench clips failed: {failed[0]}")
+        seconds[str(threads)] = statistics.median(runs)
     return {"seconds_per_video": seconds, "load_and_first_s": load,
             "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -249,7 +255,8 @@ def _demo_clips(folder: Path, videos: int) -> list[str]:
 def bench_lite(teacher=None, student=None, videos: int = 8, device: str = "cpu", batch_size: int = 8,
                threads: int | None = None) -> dict:
     """Teacher and student on the same clips (random demo-scale models unless checkpoints are given), each
-    with its videos prepared inline and then in `threads` threads (default: one per core) ahead of the model."""
+    with its videos prepared inline and then in `threads` threads (default: one per core) ahead of the model;
+    seconds per video are the median of 3 runs."""
     from .compare import _in_worker
     from .demo_data import DEFAULT_FRAMES, DEFAULT_SIZE
     from .lite import LiteRater, save_student
