@@ -1,11 +1,11 @@
 """fvq_rater_lite: a small CNN student of FVQ-Rater, for screening many videos cheaply.
 
-The student reads 4 frames at 112 px and the face of each (YuNet, OpenCV) at 48 px; two small
-strided CNNs pool each image to its channel means and deviations (texture statistics carry blur,
-noise and blocking), the frame vectors are pooled over time (mean, deviation, mean absolute
-change) with pixel-change statistics of consecutive frames (stutter, shake), and an MLP maps all
-of it to 0-100. No LMM, SlowFast, matting or identity model is loaded: decoding the 4 frames is
-most of its cost. `fvq-rater distill` trains it (see distill.py); the checkpoint is a folder with
+The student reads the clip's first 6 frames at 80 px and the face in each (YuNet, OpenCV, found
+once) at 48 px; two small strided CNNs pool each image to its channel means and deviations
+(texture statistics carry blur, noise and blocking), the frame vectors are pooled over time (mean,
+deviation, mean absolute change) with pixel-change statistics of consecutive frames (stutter,
+shake, noise), and an MLP maps all of it to 0-100. No LMM, SlowFast, matting or identity model is
+loaded: opening and decoding the clip is most of its cost. `fvq-rater distill` trains it (see distill.py); the checkpoint is a folder with
 `fvq_rater_lite.json` and `model.safetensors`, and `fvq-rater export-onnx` writes it as ONNX.
 """
 from __future__ import annotations
@@ -40,12 +40,13 @@ class LiteCheckpointError(InputError):
 
 @dataclass(frozen=True)
 class LiteConfig:
-    num_frames: int = 4
-    frame_size: int = 112
+    num_frames: int = 6
+    frame_size: int = 80
     face_size: int = 48
-    # video.SAMPLERS. "leading", the clip's first frames, decodes a tenth of a demo clip where frames spread over
-    # the whole clip decode nearly all of it: a faster student, but a less accurate one (README, "Distilled student").
-    frame_sampling: str = "centres"
+    # video.SAMPLERS. The clip's first frames ("leading") decode in a fraction of the time that frames spread over
+    # the clip ("centres") take, which need nearly all of it decoded; and six of them, with the face detected
+    # once, score the demo as well as four spread ones (README, "Distilled student").
+    frame_sampling: str = "leading"
     frame_widths: tuple = (16, 32, 64, 96)
     face_widths: tuple = (16, 32, 64)
     hidden: int = 128
@@ -68,6 +69,12 @@ class LiteConfig:
         """The settings that change the prepared inputs (the cache key): not the network's widths."""
         return {name: getattr(self, name) for name in ("num_frames", "frame_size", "face_size", "frame_sampling",
                                                        "video_backend", "face_threshold", "detect_side")}
+
+
+# What `distill --student-sampling` chooses between. Frames spread over the clip keep the size and count they
+# were measured best at: at 80 px six of them scored the demo far worse (README, "Distilled student").
+SAMPLING_PRESETS = {"leading": LiteConfig(),
+                    "centres": LiteConfig(num_frames=4, frame_size=112, frame_sampling="centres")}
 
 
 # --- inputs ----------------------------------------------------------------------------------------

@@ -89,16 +89,16 @@ def test_a_rerun_reuses_pseudo_labels_and_cached_inputs(distilled, checkpoint, d
     assert json.loads((out / "student" / "fvq_rater_lite.json").read_text())["trained"]["init"] == str(out / "student")
 
 
-def test_the_student_can_read_the_clips_first_frames(distilled, checkpoint, demo_set, pool, feature_cache, videos,
-                                                     tmp_path):
-    out = tmp_path / "leading"
+def test_the_student_can_read_frames_spread_over_the_clip(distilled, checkpoint, demo_set, pool, feature_cache, videos,
+                                                          tmp_path):
+    out = tmp_path / "spread"
     out.mkdir()
     shutil.copy(distilled[0] / "pseudo-labels-0.jsonl", out)  # the teacher's labels, not computed again
     assert main(["distill", "--teacher", str(checkpoint), "--data", str(demo_set), "--unlabeled", str(pool),
                  "--out", str(out), "--cache", str(feature_cache), "--epochs", "1", "--batch-size", "16",
-                 "--student-sampling", "leading"]) == 0
+                 "--student-sampling", "centres"]) == 0
     saved = json.loads((out / "student" / "fvq_rater_lite.json").read_text())
-    assert saved["config"]["frame_sampling"] == "leading"
+    assert (saved["config"]["frame_sampling"], saved["config"]["num_frames"]) == ("centres", 4)
     (result,) = LiteScorer.from_pretrained(out / "student").score(videos[:1], progress=False)
     assert 0 <= result["score"] <= 100
 
