@@ -180,7 +180,8 @@ def _compute_metric(spec, todo, file, batch_size, cache_dir, progress) -> dict:
             outcomes = predict(chunk)
             seconds = (time.perf_counter() - started) / len(chunk)
             for (path, content), (prediction, error) in zip(chunk, outcomes):
-                line = {"content": content, "path": path, "seconds": seconds}
+                # The run's first chunk carries its lazy loads (models, kernels): not a per-video cost.
+                line = {"content": content, "path": path, "seconds": seconds, "first": start == 0}
                 line.update({"pred": prediction} if error is None else {"error": error})
                 sink.write(json.dumps(line) + "\n")
             sink.flush()
@@ -265,8 +266,9 @@ class Row:
 
 
 def read_predictions(file: Path) -> tuple[dict, list]:
-    """(content -> prediction, seconds per video of every line, failures included) from a predictions file."""
-    predictions, seconds = {}, []
+    """(content -> prediction, seconds per video of every line, failures included) from a predictions file;
+    the lines of each run's first chunk are left out of the seconds unless there are no others."""
+    predictions, seconds, first_seconds = {}, [], []
     if not file.is_file():
         return predictions, seconds
     for line in file.read_text(encoding="utf-8").splitlines():
@@ -275,10 +277,10 @@ def read_predictions(file: Path) -> tuple[dict, list]:
             content, taken = entry["content"], float(entry["seconds"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue  # a line cut short by a killed run: that video is computed again
-        seconds.append(taken)
+        (first_seconds if entry.get("first") else seconds).append(taken)
         if "pred" in entry:
             predictions[content] = entry["pred"]
-    return predictions, seconds
+    return predictions, seconds or first_seconds
 
 
 def lmms_eval_predictions(file) -> dict:

@@ -126,3 +126,18 @@ def test_without_weights_fvq_rater_and_a_full_reference_metric_are_unavailable_a
     code, stdout, _ = compare("--data", frames_128, "--metrics", "fvq_rater,piqe,ssim", "--out", tmp_path / "o")
     assert code == 0 and "| fvq_rater | unavailable: no FVQ-Rater weights" in stdout and "| piqe (lower" in stdout
     assert "| ssim | unavailable: a FR metric needs a reference video, and compare has none" in stdout
+
+
+def test_seconds_per_video_leave_out_each_runs_first_chunk_when_there_are_others(tmp_path):
+    from fvq_plugin.compare import read_predictions
+
+    file = tmp_path / "m.jsonl"
+    lines = [{"content": "a", "seconds": 5.0, "first": True, "pred": 1.0},  # a run's model loads
+             {"content": "b", "seconds": 0.5, "first": False, "pred": 2.0},
+             {"content": "c", "seconds": 4.0, "first": True, "error": "bad"},  # a resumed run's loads
+             {"content": "d", "seconds": 0.7, "first": False, "pred": 3.0}]
+    file.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    predictions, seconds = read_predictions(file)
+    assert predictions == {"a": 1.0, "b": 2.0, "d": 3.0} and seconds == [0.5, 0.7]
+    file.write_text(json.dumps(lines[0]) + "\n")
+    assert read_predictions(file)[1] == [5.0]
