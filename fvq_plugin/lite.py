@@ -5,8 +5,9 @@ once) at 48 px; two small strided CNNs pool each image to its channel means and 
 (texture statistics carry blur, noise and blocking), the frame vectors are pooled over time (mean,
 deviation, mean absolute change) with pixel-change statistics of consecutive frames (stutter,
 shake, noise), and an MLP maps all of it to 0-100. No LMM, SlowFast, matting or identity model is
-loaded: opening and decoding the clip is most of its cost. `fvq-rater distill` trains it (see distill.py); the checkpoint is a folder with
-`fvq_rater_lite.json` and `model.safetensors`, and `fvq-rater export-onnx` writes it as ONNX.
+loaded: opening and decoding the clip is most of its cost. `fvq-rater distill` trains it (see
+distill.py); the checkpoint is a folder with `fvq_rater_lite.json` and `model.safetensors`, and
+`fvq-rater export-onnx` writes it as ONNX.
 """
 from __future__ import annotations
 
@@ -287,9 +288,8 @@ def for_inference(model: LiteRater) -> LiteRater:
 
     fused = copy.deepcopy(model).eval()
     for name in ("frame_tower", "face_tower"):
-        layers = list(getattr(fused, name))
         merged = []
-        for layer in layers:
+        for layer in getattr(fused, name):
             if isinstance(layer, nn.BatchNorm2d):
                 merged[-1] = fuse_conv_bn_eval(merged[-1], layer)
             else:
