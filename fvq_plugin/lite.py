@@ -117,22 +117,13 @@ class LitePreparer:
                                               "backend": "frames", "repeated": len(frames) < self.config.num_frames})
 
     def _inputs(self, sampled: np.ndarray, info: dict) -> dict:
-        from .features.face import pick_face
-
         config = self.config
         size, face_size = config.frame_size, config.face_size
         frames = np.stack([cv2.resize(f, (size, size), interpolation=cv2.INTER_AREA) for f in sampled])
         faces = np.zeros((len(sampled), face_size, face_size, 3), np.uint8)
         mask = np.zeros(len(sampled), bool)
-        # The clip's first frames are consecutive, so the face barely moves between them: the box found in the
-        # first frame that shows one crops the later frames too, for a fraction of the detector's cost.
-        detect_once = config.frame_sampling == "leading"
-        counts, box = [], None
-        for i, frame in enumerate(sampled):
-            if box is None or not detect_once:
-                boxes, _, _ = self.detector.detect(frame)
-                counts.append(len(boxes))
-                box = boxes[pick_face(boxes, *frame.shape[:2])] if len(boxes) else None
+        boxes, counts = self._face_boxes(sampled)
+        for i, (frame, box) in enumerate(zip(sampled, boxes)):
             if box is not None:
                 faces[i] = _face_crop(frame, box, face_size)
                 mask[i] = True
@@ -140,6 +131,31 @@ class LitePreparer:
         return {"frames": torch.from_numpy(frames).permute(0, 3, 1, 2).contiguous(),
                 "faces": torch.from_numpy(faces).permute(0, 3, 1, 2).contiguous(),
                 "face_mask": torch.from_numpy(mask), "info": info}
+
+
+    def _face_boxes(self, sampled: np.ndarray) -> tuple[list, list[int]]:
+        """The box that crops each frame's face (None: no face), and the face counts of the frames searched."""
+        from .features.face import pick_face
+
+        counts = []
+
+        def search(frame):
+            boxes, _, _ = self.detector.detect(frame)
+            counts.append(len(boxes))
+            return boxes[pick_face(boxes, *frame.shape[:2])] if len(boxes) else None
+
+        if self.config.frame_sampling != "leading":
+            return [search(frame) for frame in sampled], counts
+        # The clip's first frames are consecutive (a quarter second), so the face barely moves between them: the box
+        # of the first frame that shows one crops the later frames too. When neither the first frame nor the last
+        # shows a face, none is looked for in between: 2 searches, not one per frame, for a clip without a face.
+        first, box = 0, search(sampled[0])
+        if box is None and len(sampled) > 1 and search(sampled[-1]) is not None:
+            for first in range(1, len(sampled)):
+                box = search(sampled[first])
+                if box is not None:
+                    break
+        return [None] * first + [box] * (len(sampled) - first), counts
 
 
 class LiteExtractor:

@@ -115,8 +115,9 @@ def test_self_training_round_fine_tunes_the_teacher_and_labels_again(checkpoint,
     assert [first[p]["score"] for p in first] != [second[p]["score"] for p in first]
 
 
-@pytest.mark.parametrize("sampling, searches", [("leading", 2), ("centres", 4)])
-def test_the_face_found_first_crops_the_later_leading_frames_spread_frames_are_each_searched(sampling, searches):
+@pytest.mark.parametrize("sampling, searches, searches_without_face", [("leading", 3, 2), ("centres", 4, 4)])
+def test_the_face_found_first_crops_the_later_leading_frames_spread_frames_are_each_searched(
+        sampling, searches, searches_without_face):
     from fvq_plugin.lite import LitePreparer
 
     preparer = LitePreparer(LiteConfig(num_frames=4, frame_sampling=sampling))
@@ -124,10 +125,15 @@ def test_the_face_found_first_crops_the_later_leading_frames_spread_frames_are_e
     detect = preparer.detector.detect
     preparer.detector.detect = lambda frame: searched.append(frame) or detect(frame)
     astronaut = skimage.data.astronaut()
+    # leading: the first frame, the last (a face: look in between), the second (the face's first frame)
     inputs = preparer.from_frames(np.stack([np.zeros_like(astronaut)] + [astronaut] * 3))
     assert inputs["face_mask"].tolist() == [False, True, True, True]
     assert len(searched) == searches
     assert torch.equal(inputs["faces"][1], inputs["faces"][3]) and inputs["faces"][0].sum() == 0
+    searched.clear()
+    inputs = preparer.from_frames(np.zeros((4, 64, 64, 3), np.uint8))  # no face: leading looks at first and last
+    assert not inputs["face_mask"].any() and len(searched) == searches_without_face
+    assert inputs["info"]["face_frames"] == 0 and inputs["info"]["most_faces"] == 0
 
 
 def test_onnx_export_scores_as_torch_does(student, videos, tmp_path):
