@@ -150,11 +150,16 @@ class LitePreparer:
         # of the first frame that shows one crops the later frames too. When neither the first frame nor the last
         # shows a face, none is looked for in between: 2 searches, not one per frame, for a clip without a face.
         first, box = 0, search(sampled[0])
-        if box is None and len(sampled) > 1 and search(sampled[-1]) is not None:
-            for first in range(1, len(sampled)):
-                box = search(sampled[first])
-                if box is not None:
-                    break
+        last = len(sampled) - 1
+        if box is None and last > 0:
+            box = search(sampled[last])
+            if box is not None:  # the face came into view: from the first frame that shows it
+                first = last
+                for i in range(1, last):
+                    found = search(sampled[i])
+                    if found is not None:
+                        first, box = i, found
+                        break
         return [None] * first + [box] * (len(sampled) - first), counts
 
 
