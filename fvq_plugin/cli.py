@@ -303,7 +303,7 @@ def _compare(args) -> int:
             student_path(weights[LITE], f"--metric-weights {LITE}=DIR")
     specs = [MetricSpec(name, weights.get(name), args.frames, args.pool, args.device) for name in names]
     result = compare(args.data, args.split, specs, args.out, lmms_samples=samples, resume=args.resume,
-                     batch_size=args.batch_size, cache_dir=args.cache, progress=not args.json)
+                     batch_size=args.batch_size, cache_dir=args.cache, progress=not args.json, threads=args.threads)
     if args.json:
         print(json.dumps(result["rows"]))
     else:
@@ -647,6 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument("--weights", help=f"FVQ-Rater checkpoint folder (default: env {WEIGHTS_ENV})")
     comparison.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     comparison.add_argument("--batch-size", type=int, default=8, help="FVQ-Rater videos per forward")
+    comparison.add_argument("--threads", type=int, default=0,
+                            help="threads preparing fvq_rater's and fvq_rater_lite's videos ahead of their models")
     comparison.add_argument("--cache", help="FVQ-Rater's feature cache folder")
     comparison.add_argument("--json", action="store_true", help="print the results as JSON")
     comparison.set_defaults(run=_compare)

@@ -130,63 +130,67 @@ def _first_line(error: BaseException) -> str:
 
 
 def compute_metric(spec: MetricSpec, todo: list[tuple[str, str]], file: str, batch_size: int = 8, cache_dir=None,
-                   progress: bool = True) -> dict:
+                   progress: bool = True, threads: int = 0) -> dict:
     """Predictions of one metric for (path, content) pairs, appended to `file` as they come; runs in a
     worker process. Returns the metric's direction and this process's peak memory."""
     import contextlib
     import sys
 
     with contextlib.redirect_stdout(sys.stderr):  # libraries' prints (pyiqa's "Downloading: ...") stay off stdout
-        return _compute_metric(spec, todo, file, batch_size, cache_dir, progress)
+        return _compute_metric(spec, todo, file, batch_size, cache_dir, progress, threads)
 
 
-def _compute_metric(spec, todo, file, batch_size, cache_dir, progress) -> dict:
+def _compute_metric(spec, todo, file, batch_size, cache_dir, progress, threads) -> dict:
     import resource
 
     from tqdm.auto import tqdm
 
+    paths = [path for path, _ in todo]
     if spec.name in RATERS:
         from .lite import LiteScorer
         from .scoring import Scorer
 
         scorer = (LiteScorer if spec.name == LITE else Scorer).from_pretrained(
-            spec.weights, device=spec.device, batch_size=batch_size, cache_dir=cache_dir)
-        lower_better, step = False, batch_size
-
-        def predict(chunk):
-            return [_finite(r.get("score"), r.get("error")) for r in scorer.score([path for path, _ in chunk], progress=False)]
+            spec.weights, device=spec.device, batch_size=batch_size, cache_dir=cache_dir, threads=threads)
+        lower_better = False
+        # Batches stream out while the next videos are prepared (in `threads`), as `score` runs them.
+        outcomes = ([_finite(r.get("score"), r.get("error")) for r in results]
+                    for results in scorer.batches(paths, progress=False))
     else:
         from .classic import VIDEO_METRICS
 
         score, lower_better = (_video_metric if spec.name in VIDEO_METRICS else _frame_metric)(spec)
-        step = 1
-
-        def predict(chunk):
-            from .video import VideoReadError
-
-            try:
-                value = score(chunk[0][0])
-            except VideoReadError as failure:
-                return [(None, failure.reason)]
-            except Exception as failure:  # one video must not end the metric
-                return [(None, _first_line(failure))]
-            return [_finite(value, None)]
+        outcomes = ([_outcome(score, path)] for path in paths)
 
     with open_for_appending(file) as sink, \
             tqdm(total=len(todo), desc=spec.name, unit="video", disable=not progress) as bar:
-        for start in range(0, len(todo), step):
-            chunk = todo[start:start + step]
+        done = 0
+        while done < len(todo):
             started = time.perf_counter()
-            outcomes = predict(chunk)
-            seconds = (time.perf_counter() - started) / len(chunk)
-            for (path, content), (prediction, error) in zip(chunk, outcomes):
-                # The run's first chunk carries its lazy loads (models, kernels): not a per-video cost.
-                line = {"content": content, "path": path, "seconds": seconds, "first": start == 0}
+            batch = next(outcomes)
+            seconds = (time.perf_counter() - started) / len(batch)
+            for (path, content), (prediction, error) in zip(todo[done:done + len(batch)], batch):
+                # The run's first batch carries its lazy loads (models, kernels): not a per-video cost.
+                line = {"content": content, "path": path, "seconds": seconds, "first": done == 0}
                 line.update({"pred": prediction} if error is None else {"error": error})
                 sink.write(json.dumps(line) + "\n")
             sink.flush()
-            bar.update(len(chunk))
+            done += len(batch)
+            bar.update(len(batch))
     return {"lower_better": lower_better, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def _outcome(score, path) -> tuple:
+    """(prediction, None) or (None, error) of a metric scoring one video: one video must not end the metric."""
+    from .video import VideoReadError
+
+    try:
+        value = score(path)
+    except VideoReadError as failure:
+        return None, failure.reason
+    except Exception as failure:
+        return None, _first_line(failure)
+    return _finite(value, None)
 
 
 def _in_worker(function, *args, **kwargs):
@@ -323,10 +327,11 @@ def _statistics(row: Row) -> None:
 
 
 def compare(root, split: str, specs: list[MetricSpec], out, lmms_samples: dict | None = None, resume: bool = False,
-            batch_size: int = 8, cache_dir=None, progress: bool = True) -> dict:
+            batch_size: int = 8, cache_dir=None, progress: bool = True, threads: int = 0) -> dict:
     """Every metric on the split's videos: rows of statistics and costs, written to OUT as CSV, JSON and PNG.
 
-    `lmms_samples` maps column names to logged lmms-eval samples files; `cache_dir` is FVQ-Rater's feature cache.
+    `lmms_samples` maps column names to logged lmms-eval samples files; `cache_dir` is FVQ-Rater's feature cache;
+    `threads` prepare the raters' videos ahead of their models (`Scorer`'s threads).
     """
     from .data import read_split
     from .scoring import FeatureCache
@@ -358,7 +363,7 @@ def compare(root, split: str, specs: list[MetricSpec], out, lmms_samples: dict |
             _check_runnable(spec)
             if todo:
                 run = _in_worker(compute_metric, spec, todo, str(file), batch_size=batch_size, cache_dir=cache_dir,
-                                 progress=progress)
+                                 progress=progress, threads=threads)
                 previous = json.loads(run_file.read_text()) if run_file.is_file() else {}
                 run["peak_mb"] = max(run["peak_mb"], previous.get("peak_mb", 0))
                 write_atomically(run_file, json.dumps(run))

@@ -360,20 +360,25 @@ class Scorer:
             log.info("resuming: %d of %d videos already scored in %s", len(done), len(paths), output)
         sink = open_for_appending(output) if output else None
         try:
-            for items in extract_features(todo, self.extractor, self.cache_dir, self.batch_size, self.workers, progress,
-                                          self.timeout_per_video, self.threads):
-                for result in self.results(items):
+            for results in self.batches(todo, progress):
+                for result in results:
                     done[result["path"]] = result
                     if sink:
                         sink.write(json.dumps(result) + "\n")
                 if sink:
                     sink.flush()
                 if on_batch:
-                    on_batch(len(items))
+                    on_batch(len(results))
         finally:
             if sink:
                 sink.close()
         return [done[p] for p in paths]
+
+    def batches(self, paths, progress: bool = True) -> Iterator[list[dict]]:
+        """The results of `paths`, a batch at a time and in their order, while the next videos are prepared."""
+        for items in extract_features([str(p) for p in paths], self.extractor, self.cache_dir, self.batch_size,
+                                      self.workers, progress, self.timeout_per_video, self.threads):
+            yield self.results(items)
 
     @functools.cached_property
     def fingerprint(self) -> str:

@@ -92,6 +92,23 @@ def test_an_interrupted_metric_resumes_where_it_stopped(compared, frames_128, ch
     assert rows["piqe"]["srcc"] == old["piqe"]["srcc"] and rows["piqe"]["scored"] == 9
 
 
+def test_threads_prepare_the_raters_videos_and_change_no_prediction(compared, frames_128, checkpoint, tmp_path):
+    out = tmp_path / "out"
+    code, _, stderr = compare("--data", frames_128, "--metrics", "fvq_rater", "--weights", checkpoint, "--out", out,
+                              "--threads", "2")
+    assert code == 0, stderr[-3000:]
+
+    def lines(folder):
+        file = next((folder / PREDICTIONS_DIR).glob("fvq_rater-*.jsonl"))
+        return [json.loads(line) for line in file.read_text().splitlines()]
+
+    threaded = lines(out)
+    assert {line["content"]: line["pred"] for line in threaded} == \
+        pytest.approx({line["content"]: line["pred"] for line in lines(compared[0])})
+    # Batches of 8 stream out of the scorer: the first one's lines are marked as carrying the loads.
+    assert [line["first"] for line in threaded] == [True] * 8 + [False]
+
+
 def test_another_lmms_eval_model_is_a_column(compared, frames_128, checkpoint, tmp_path):
     """Logged samples as lmms-eval writes them: the task's parsed score per video path (None: failed)."""
     results = Scorer.from_pretrained(checkpoint).score(
