@@ -9,6 +9,7 @@ the student) and the two are compared on the same test videos.
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,8 +111,10 @@ def run_demo(workdir, settings: DemoSettings | None = None, progress: bool = Tru
     compare_started = time.perf_counter()
     # resume: a rerun in the same folder reuses the predictions, keyed by video content and each metric's settings
     # (the checkpoint's files included), so only what changed is computed again. No feature cache: FVQ-Rater's
-    # cost per video is then its whole cost, decoding and features included, as every other metric's is.
-    comparison = compare(data_dir, "test", specs, workdir / "compare", resume=True, progress=progress)
+    # cost per video is then its whole cost, decoding and features included, as every other metric's is. The
+    # raters prepare their videos in a thread per core, as `score --threads` would on this machine.
+    comparison = compare(data_dir, "test", specs, workdir / "compare", resume=True, progress=progress,
+                         threads=os.cpu_count() or 1)
     timings["compare_s"] = time.perf_counter() - compare_started
     timings["total_s"] = time.perf_counter() - started
     log(f"FVQ-Rater against the baselines that run offline, on the same test videos "
@@ -148,7 +151,8 @@ def teacher_and_student(rows: list[dict]) -> str:
     pair = [by_name["fvq_rater"], by_name["fvq_rater_lite"]]
     if any(row["status"] != "ok" for row in pair):
         return "teacher or student unavailable: " + "; ".join(row["reason"] for row in pair if row["status"] != "ok")
-    lines = ["Teacher and student on the same test videos (decoding included in s/video):",
+    lines = ["Teacher and student on the same test videos (decoding included in s/video, videos prepared in a thread "
+             "per core):",
              f"{'':10}{'teacher':>12}{'student':>12}"]
     for label, key, form in (("SRCC", "srcc", "{:.4f}"), ("PLCC", "plcc", "{:.4f}"), ("KRCC", "krcc", "{:.4f}"),
                              ("RMSE", "rmse", "{:.3f}"), ("s/video", "seconds_per_video", "{:.4f}"),
