@@ -158,6 +158,14 @@ def test_the_scoring_copy_with_batch_norms_folded_scores_as_the_trained_network(
         assert torch.allclose(scoring(**inputs), model(**inputs), atol=1e-4)
 
 
+def test_scoring_with_preparing_threads_gives_the_same_scores_and_leaves_torch_threads_as_they_were(student, videos):
+    inline = LiteScorer.from_pretrained(student).score(videos, progress=False)
+    before = torch.get_num_threads()
+    threaded = LiteScorer.from_pretrained(student, threads=2, batch_size=2).score(videos, progress=False)
+    assert torch.get_num_threads() == before
+    assert [r["score"] for r in threaded] == pytest.approx([r["score"] for r in inline], abs=1e-4)
+
+
 def test_pyiqa_fvq_rater_lite_scores_a_video_a_frame_tensor_and_an_image(student, videos):
     metric = pyiqa.create_metric("fvq_rater_lite", device="cpu", pretrained_model_path=str(student))
     assert "fvq_rater_lite" in pyiqa.list_models(metric_mode="NR") and metric.lower_better is False
