@@ -26,6 +26,9 @@ DEMO_FEATURES = FeatureConfig(image_size=64, face_backend="yunet-sface", face_em
                               temporal_preprocess="kinetics", temporal_size=64, temporal_frames=16)
 # `compare` at the end of the demo: the tiny FVQ-Rater against every baseline that runs offline.
 DEMO_COMPARISON = ("fvq_rater", "piqe", "niqe", "viideo")
+# Threads preparing the raters' videos in that comparison: one per core, but a few at most, since each holds its
+# own copy of the rater's feature models.
+DEMO_THREADS = min(os.cpu_count() or 1, 4)
 # The demo's MOS are absolute (a documented function of the degradations' severity on 0-100), so its five
 # levels are the fixed 20-point bins rather than FineVQ's bins between the training set's min and max.
 # A LayerNorm would divide the face embedding's norm away, so the face projector is a plain MLP.
@@ -112,15 +115,15 @@ def run_demo(workdir, settings: DemoSettings | None = None, progress: bool = Tru
     # resume: a rerun in the same folder reuses the predictions, keyed by video content and each metric's settings
     # (the checkpoint's files included), so only what changed is computed again. No feature cache: FVQ-Rater's
     # cost per video is then its whole cost, decoding and features included, as every other metric's is. The
-    # raters prepare their videos in a thread per core, as `score --threads` would on this machine.
+    # raters prepare their videos in threads, as `score --threads` would on this machine.
     comparison = compare(data_dir, "test", specs, workdir / "compare", resume=True, progress=progress,
-                         threads=os.cpu_count() or 1)
+                         threads=DEMO_THREADS)
     timings["compare_s"] = time.perf_counter() - compare_started
     timings["total_s"] = time.perf_counter() - started
     log(f"FVQ-Rater against the baselines that run offline, on the same test videos "
         f"(fvq-rater compare; {workdir / 'compare' / 'compare.png'}):\n{format_table(comparison['rows'])}")
     if settings.distill:
-        log(teacher_and_student(comparison["rows"]))
+        log(teacher_and_student(comparison["rows"], DEMO_THREADS))
     log(f"Checkpoint: {checkpoint}   total time {timings['total_s']:.0f} s")
     return {"report": report, "lmms_eval": lmms_report, "comparison": comparison["rows"], "timings": timings,
             "checkpoint": str(checkpoint)}
@@ -145,14 +148,14 @@ def distill_demo(teacher, data_dir, workdir, cache_dir, settings: DemoSettings, 
     return Path(report["student"])
 
 
-def teacher_and_student(rows: list[dict]) -> str:
+def teacher_and_student(rows: list[dict], threads: int) -> str:
     """FVQ-Rater and fvq_rater_lite side by side, from the comparison's rows."""
     by_name = {row["metric"]: row for row in rows}
     pair = [by_name["fvq_rater"], by_name["fvq_rater_lite"]]
     if any(row["status"] != "ok" for row in pair):
         return "teacher or student unavailable: " + "; ".join(row["reason"] for row in pair if row["status"] != "ok")
-    lines = ["Teacher and student on the same test videos (decoding included in s/video, videos prepared in a thread "
-             "per core):",
+    lines = [f"Teacher and student on the same test videos (decoding included in s/video, videos prepared in "
+             f"{threads} threads):",
              f"{'':10}{'teacher':>12}{'student':>12}"]
     for label, key, form in (("SRCC", "srcc", "{:.4f}"), ("PLCC", "plcc", "{:.4f}"), ("KRCC", "krcc", "{:.4f}"),
                              ("RMSE", "rmse", "{:.3f}"), ("s/video", "seconds_per_video", "{:.4f}"),

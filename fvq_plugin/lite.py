@@ -368,8 +368,9 @@ def _blank_inputs(config: LiteConfig) -> dict:
 
 @contextlib.contextmanager
 def _one_torch_thread():
-    """This thread's torch ops on one core for a while. While threads prepare the next videos, a network this
-    small scores faster on one core than spread over cores they keep busy (about 10% on 2 cores)."""
+    """torch on one core for a while (a setting of the whole process). While threads prepare the next videos,
+    a network this small scores faster on one core than spread over the cores they keep busy (3-7% in two runs
+    on 2 cores)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
