@@ -133,7 +133,6 @@ class LitePreparer:
                 "faces": torch.from_numpy(faces).permute(0, 3, 1, 2).contiguous(),
                 "face_mask": torch.from_numpy(mask), "info": info}
 
-
     def _face_boxes(self, sampled: np.ndarray) -> tuple[list, list[int]]:
         """The box that crops each frame's face (None: no face), and the face counts of the frames searched."""
         from .features.face import pick_face
