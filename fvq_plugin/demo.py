@@ -9,10 +9,15 @@ the student) and the two are compared on the same test videos.
 """
 from __future__ import annotations
 
+import json
+import math
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from .demo_data import DEFAULT_VIDEOS
 from .compare import MetricSpec, compare, format_table
@@ -97,7 +102,7 @@ def run_demo(workdir, settings: DemoSettings | None = None, progress: bool = Tru
 
     checkpoint = workdir / "stage2" / "best"
     scorer = Scorer(FVQRater.from_pretrained(checkpoint), extractor, cache_dir=cache_dir)
-    report, _ = evaluate(scorer, data_dir, "test", progress=progress)
+    report, results = evaluate(scorer, data_dir, "test", progress=progress)
     lmms_started = time.perf_counter()
     lmms_report = lmms_eval_report(checkpoint, data_dir, cache_dir)
     timings["lmms_eval_s"] = time.perf_counter() - lmms_started
@@ -105,6 +110,8 @@ def run_demo(workdir, settings: DemoSettings | None = None, progress: bool = Tru
     log(format_reports({"fvq-rater eval": report, "lmms-eval --tasks fvq20k": lmms_report},
                        f"Test split: {report['scored'] + report['failed']} videos of {len(unseen)} identities never seen "
                        f"in training ({', '.join(unseen)})"))
+    faces = per_face(results, data_dir)
+    log(format_per_face(faces))
 
     specs = [MetricSpec(name, str(checkpoint) if name == "fvq_rater" else None) for name in DEMO_COMPARISON]
     if settings.distill:
@@ -125,8 +132,8 @@ def run_demo(workdir, settings: DemoSettings | None = None, progress: bool = Tru
     if settings.distill:
         log(teacher_and_student(comparison["rows"], DEMO_THREADS))
     log(f"Checkpoint: {checkpoint}   total time {timings['total_s']:.0f} s")
-    return {"report": report, "lmms_eval": lmms_report, "comparison": comparison["rows"], "timings": timings,
-            "checkpoint": str(checkpoint)}
+    return {"report": report, "per_face": faces, "lmms_eval": lmms_report, "comparison": comparison["rows"],
+            "timings": timings, "checkpoint": str(checkpoint)}
 
 
 def distill_demo(teacher, data_dir, workdir, cache_dir, settings: DemoSettings, progress: bool, log,
@@ -163,6 +170,35 @@ def teacher_and_student(rows: list[dict], threads: int) -> str:
         lines.append(f"{label:<10}" + "".join(form.format(row[key]).rjust(12) for row in pair))
     lines.append(f"student: {pair[0]['seconds_per_video'] / pair[1]['seconds_per_video']:.1f}x the teacher's "
                  f"throughput, SRCC {pair[1]['srcc'] - pair[0]['srcc']:+.4f}")
+    return "\n".join(lines)
+
+
+def per_face(results: list[dict], data_dir) -> dict[str, dict]:
+    """Per test identity, over the scored videos that show it alone: SRCC (does the rater rank within one face?)
+    and mean score minus mean MOS (does it put every face on one scale?). The pooled SRCC needs both."""
+    from .metrics import srcc
+
+    identities = {video["name"]: video["identities"]
+                  for video in json.loads((Path(data_dir) / "meta.json").read_text())["videos"]}
+    by_face = {}
+    for result in results:
+        shown = identities[Path(result["path"]).name]
+        if "score" in result and len(shown) == 1:
+            by_face.setdefault(shown[0], []).append((result["score"], result["mos"]))
+    faces = {}
+    for name, pairs in sorted(by_face.items()):
+        scores, mos = np.array(pairs).T
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # too few videos: NaN, printed as n/a
+            faces[name] = {"videos": len(pairs), "srcc": srcc(scores, mos), "offset": float(scores.mean() - mos.mean())}
+    return faces
+
+
+def format_per_face(faces: dict[str, dict]) -> str:
+    lines = ["Per unseen face, over its videos alone (SRCC within the face; mean score minus mean MOS):"]
+    for name, face in faces.items():
+        value = "n/a" if math.isnan(face["srcc"]) else f"{face['srcc']:.4f}"
+        lines.append(f"  {name:<14}{face['videos']:>4} videos   SRCC {value:>7}   offset {face['offset']:+7.2f}")
     return "\n".join(lines)
 
 
