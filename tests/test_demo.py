@@ -12,7 +12,8 @@ def test_per_face_ranks_each_unseen_face_alone_and_says_how_far_its_scores_sit_f
     (tmp_path / "meta.json").write_text(json.dumps({"videos": [{"name": name, "identities": shown}
                                                                for name, shown in videos.items()]}))
     scores, mos = [50.0, 30.0, 60.0, 20.0, 45.0], [52.0, 40.0, 58.0, 10.0, 41.0]
-    results = [{"path": f"/set/test/videos/a{i}.mp4", "score": s, "mos": m} for i, (s, m) in enumerate(zip(scores, mos))]
+    results = [{"path": f"/set/test/videos/a{i}.mp4", "score": score, "mos": label}
+               for i, (score, label) in enumerate(zip(scores, mos))]
     results += [{"path": "/set/test/videos/b0.mp4", "score": 70.0, "mos": 60.0},
                 {"path": "/set/test/videos/b1.mp4", "score": 10.0, "mos": 20.0},
                 # several faces, no face, not scored: none belongs to one face's figures
