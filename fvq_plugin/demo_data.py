@@ -502,7 +502,7 @@ def _render_crops(image: np.ndarray, windows: np.ndarray, width: int, height: in
     return crops
 
 
-def _exposure_table(severity: float, overexposed: bool) -> np.ndarray:
+def exposure_table(severity: float, overexposed: bool) -> np.ndarray:
     direction = 1.0 if overexposed else -1.0
     gain = 2.0 ** (direction * EXPOSURE_MAX_GAIN_STOPS * severity)
     gamma = 2.0 ** (-direction * EXPOSURE_MAX_GAMMA_STOPS * severity)
@@ -510,10 +510,11 @@ def _exposure_table(severity: float, overexposed: bool) -> np.ndarray:
     return np.clip(255.0 * gain * levels ** gamma + 0.5, 0, 255).astype(np.uint8)
 
 
-def _degrade_frame(frame: np.ndarray, plan: VideoPlan, exposure: np.ndarray,
-                   rng: np.random.Generator) -> np.ndarray:
-    """Capture-side degradations in camera order: optics, exposure, sensor noise, then rescaling."""
-    severities = plan.severities
+def degrade_frame(frame: np.ndarray, severities: dict[str, float], exposure: np.ndarray,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Capture-side degradations in camera order: optics, exposure (an `exposure_table`), sensor noise, then
+    rescaling. Compression, stutter and shake act on the whole video, elsewhere."""
+    height, width = frame.shape[:2]
     if severities["blur"] > 0:
         frame = cv2.GaussianBlur(frame, (0, 0), BLUR_MAX_SIGMA * severities["blur"])
     frame = cv2.LUT(frame, exposure)
@@ -522,9 +523,9 @@ def _degrade_frame(frame: np.ndarray, plan: VideoPlan, exposure: np.ndarray,
         frame = np.clip(frame + noise, 0, 255).astype(np.uint8)
     if severities["scaling"] > 0:
         factor = 1.0 + (SCALING_MAX_FACTOR - 1.0) * severities["scaling"]
-        small = (max(1, round(plan.width / factor)), max(1, round(plan.height / factor)))
+        small = (max(1, round(width / factor)), max(1, round(height / factor)))
         frame = cv2.resize(cv2.resize(frame, small, interpolation=cv2.INTER_AREA),
-                           (plan.width, plan.height), interpolation=cv2.INTER_LINEAR)
+                           (width, height), interpolation=cv2.INTER_LINEAR)
     return frame
 
 
@@ -579,9 +580,9 @@ def render_video(plan: VideoPlan, seed: int, path: Path, source: Source, image: 
     """Write the video `plan` describes, from its source image (RGB uint8), to `path`."""
     rng = _video_rng(seed, plan.index, RENDER_STREAM)
     windows = _crop_windows(image.shape, source, plan, rng)
-    exposure = _exposure_table(plan.severities["exposure"], plan.overexposed)
+    exposure = exposure_table(plan.severities["exposure"], plan.overexposed)
     crops = _render_crops(image, windows, plan.width, plan.height)
-    frames = [_degrade_frame(crop, plan, exposure, rng) for crop in plan.look.apply(crops)]
+    frames = [degrade_frame(crop, plan.severities, exposure, rng) for crop in plan.look.apply(crops)]
     shown = _stutter_indices(plan.frames, plan.severities["stutter"], rng)
     write_video(path, (frames[i] for i in shown), fps=FPS, **_encoder_settings(plan.severities["compression"]))
 

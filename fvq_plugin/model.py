@@ -240,12 +240,21 @@ class FVQRater(nn.Module):
         return cls(config, vlm, tokenizer, base_path)
 
     @classmethod
-    def random(cls, config: FVQRaterConfig, vlm_config, tokenizer, seed: int = 0) -> "FVQRater":
-        """A randomly initialised backbone (tests, the demo, benchmarks of real-size shapes)."""
+    def random(cls, config: FVQRaterConfig, vlm_config, tokenizer, seed: int = 0, vision_tower=None) -> "FVQRater":
+        """A randomly initialised backbone (tests, the demo, benchmarks of real-size shapes).
+
+        `vision_tower`: a safetensors file of pretrained vision-tower weights to start from instead
+        (the demo's, tower_pretraining.TOWER_FILE); the rest stays as `seed` draws it.
+        """
         from transformers import InternVLForConditionalGeneration
 
         torch.manual_seed(seed)
-        return cls.create(config, InternVLForConditionalGeneration(vlm_config), tokenizer)
+        vlm = InternVLForConditionalGeneration(vlm_config)
+        if vision_tower is not None:
+            from .tower_pretraining import load_tower
+
+            load_tower(vlm, vision_tower)
+        return cls.create(config, vlm, tokenizer)
 
     @classmethod
     def from_backbone(cls, path, config: FVQRaterConfig | None = None, **load_options) -> "FVQRater":

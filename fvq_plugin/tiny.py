@@ -50,11 +50,12 @@ def tiny_backbone_config(tokenizer=None, image_size: int = 64, patch_size: int =
                           tie_word_embeddings=False)
 
 
-def tiny_rater(extractor, seed: int = 0, recipe=None, **config):
+def tiny_rater(extractor, seed: int = 0, recipe=None, vision_tower=None, **config):
     """A tiny random FVQ-Rater matched to `extractor` (frames, sampling, image size, face width).
 
     Its recipe is `recipe` (default: fvq) with the frame count, frame sampling, temporal
     preprocessing and face embedding of the extractor's settings, under a name that says so.
+    `vision_tower`: pretrained tower weights in place of random ones (FVQRater.random).
     """
     from .model import FVQRater, FVQRaterConfig
     from .recipe import FVQ
@@ -65,4 +66,4 @@ def tiny_rater(extractor, seed: int = 0, recipe=None, **config):
     tokenizer = tiny_tokenizer()
     rater_config = FVQRaterConfig(face_dim=extractor.face_dim, recipe=recipe, features=features.to_dict(), **config)
     return FVQRater.random(rater_config, tiny_backbone_config(tokenizer, image_size=features.image_size),
-                           tokenizer, seed=seed)
+                           tokenizer, seed=seed, vision_tower=vision_tower)
