@@ -1,9 +1,10 @@
 """The main job on the embedded default: train a tiny FVQ-Rater on CPU and score the demo set.
 
 Real FVQ-Rater weights and FVQ-20K cannot be downloaded here, so the demo builds a degraded
-face-video set from package-shipped photos, trains a tiny random InternVL (same code path as the
-8B model) with all four streams through stage I and stage II, and evaluates the best checkpoint
-on the test split through the same Scorer that scores real videos. With `distill`, the trained rater
+face-video set from package-shipped photos, trains a tiny InternVL (same code path as the 8B model;
+random but for a vision tower pretrained on face-free pictures, as InternViT is pretrained) with all
+four streams through stage I and stage II, and evaluates the best checkpoint on the test split
+through the same Scorer that scores real videos. With `distill`, the trained rater
 then teaches the fvq_rater_lite student (an unlabeled pool of the training identities, pseudo-labels,
 the student) and the two are compared on the same test videos.
 """
@@ -23,6 +24,7 @@ from .demo_data import DEFAULT_VIDEOS
 from .compare import MetricSpec, compare, format_table
 from .features import FeatureConfig, FeatureExtractor
 from .recipe import FVQ
+from .tower_pretraining import TOWER_FILE
 
 # Small enough for 2 CPU cores in minutes; everything else is the production code path.
 # The face stream reads SFace's embeddings as the network gives them: their norm says how recognisable the
@@ -88,8 +90,10 @@ def run_demo(workdir, settings: DemoSettings | None = None, progress: bool = Tru
     val_set = split_features(data_dir, "val", extractor, cache_dir, progress=progress)
     timings = {"data_and_features_s": time.perf_counter() - started}
 
-    model = tiny_rater(extractor, settings.seed, recipe=DEMO_RECIPE,
+    model = tiny_rater(extractor, settings.seed, recipe=DEMO_RECIPE, vision_tower=TOWER_FILE,
                        lora=LoraSettings(r=settings.lora_rank, alpha=2 * settings.lora_rank))
+    log(f"Tiny rater: vision tower pretrained on degraded face-free pictures ({TOWER_FILE.name}), "
+        f"LLM and projectors random (seed {settings.seed})")
     spatial = extractor.preparer.spatial
     # Stage II goes on training the stage-I model in memory (LoRA, projectors), adding the head.
     for stage, epochs in ((1, settings.stage1_epochs), (2, settings.stage2_epochs)):

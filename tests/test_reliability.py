@@ -20,10 +20,11 @@ from bad_inputs import HangOn, encode
 
 pytestmark = pytest.mark.reliability
 
-# SRCC on identities the tiny rater never saw, trained as below, measured on demo seeds 0-4 (the suite uses 0):
-# 0.67, 0.30, 0.51, 0.43, 0.43. By chance (48 videos) SRCC exceeds 0.25 with probability 0.04; a rater whose
+# SRCC on identities the tiny rater never saw, trained as below (from the demo's pretrained vision tower),
+# measured on demo seeds 0-4 (the suite uses 0): 0.59, 0.55, 0.62, 0.54, 0.56; with a random tower it was 0.67,
+# 0.30, 0.51, 0.43, 0.43. By chance (48 videos) SRCC exceeds 0.40 with probability 0.003; a rater whose
 # output is constant has no SRCC at all (NaN), and an untrained one outputs a constant.
-LEARNED_SRCC = 0.25
+LEARNED_SRCC = 0.40
 
 
 @pytest.fixture(scope="module")
@@ -39,6 +40,7 @@ def train_on_some_identities(folder, seed: int):
     from fvq_plugin.features import FeatureConfig, FeatureExtractor
     from fvq_plugin.scoring import split_features
     from fvq_plugin.tiny import tiny_rater
+    from fvq_plugin.tower_pretraining import TOWER_FILE
     from fvq_plugin.train import TrainConfig, train
 
     data = folder / "data"
@@ -49,7 +51,7 @@ def train_on_some_identities(folder, seed: int):
                                                    temporal_preprocess="kinetics", temporal_size=32, temporal_frames=8,
                                                    face_embedding=DEMO_FEATURES.face_embedding))
     train_set = split_features(data, "train", extractor, folder / "cache", progress=False)[:2]
-    model = tiny_rater(extractor, seed=0, recipe=DEMO_RECIPE)
+    model = tiny_rater(extractor, seed=0, recipe=DEMO_RECIPE, vision_tower=TOWER_FILE)
     for stage, epochs in ((1, 1), (2, 12)):
         train(model, extractor.preparer.spatial, train_set, None, TrainConfig(stage=stage, epochs=epochs, lr=1e-3),
               folder / f"stage{stage}", progress=False)
