@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import LITE_WEIGHTS_ENV, WEIGHTS_ENV
+from .common import KEY_METRICS, LITE_WEIGHTS_ENV, WEIGHTS_ENV
 
 COMPARE_POOLS = ("mean", "median", "min")  # the poolings compare._frame_metric knows
 
@@ -406,9 +406,11 @@ def _train(args) -> int:
                              threads=args.threads)
     config = TrainConfig(stage=args.stage, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                          grad_accum=args.grad_accum, mixed_precision=args.mixed_precision,
-                         gradient_checkpointing=args.gradient_checkpointing, ce_weight=args.ce_weight, seed=args.seed)
+                         gradient_checkpointing=args.gradient_checkpointing, ce_weight=args.ce_weight,
+                         key_metric=args.key_metric, seed=args.seed)
     result = train(model, extractor.preparer.spatial, train_set[:2], val_set[:2], config, args.out, resume=args.resume)
-    print(f"best validation SRCC {result['best_srcc']:.4f}; checkpoints in {args.out}/best and {args.out}/last")
+    print(f"best: epoch {result['best_epoch']}, validation SRCC {result['best_srcc']:.4f}; "
+          f"checkpoints in {args.out}/best and {args.out}/last")
     return 0
 
 
@@ -681,6 +683,8 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no", help="accelerate's")
     training.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for memory")
     training.add_argument("--ce-weight", type=float, default=0.0, help="stage 2: add the level cross-entropy")
+    training.add_argument("--key-metric", choices=KEY_METRICS, default=KEY_METRICS[0],
+                          help="what best/ keeps: validation SRCC minus RMSE/sd(MOS) (default), or SRCC alone")
     training.add_argument("--lora-r", type=int, default=8, help="LoRA rank (new raters)")
     training.add_argument("--lora-alpha", type=int, default=16, help="LoRA alpha (new raters)")
     training.add_argument("--seed", type=int, default=0, help="seed of initialisation and shuffling")

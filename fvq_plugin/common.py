@@ -6,6 +6,8 @@ import os
 
 STREAMS = ("spatial", "portrait", "face", "temporal")
 LEVELS = ("bad", "poor", "fair", "good", "excellent")
+# What a training run's best/ checkpoint keeps (fvq_plugin.train explains the default, the first).
+KEY_METRICS = ("srcc-rmse", "srcc")
 
 WEIGHTS_ENV = "FVQ_RATER_WEIGHTS"        # an FVQ-Rater checkpoint folder
 LITE_WEIGHTS_ENV = "FVQ_RATER_LITE_WEIGHTS"  # an fvq_rater_lite (student) checkpoint folder

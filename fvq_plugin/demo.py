@@ -102,7 +102,9 @@ def run_demo(workdir, settings: DemoSettings | None = None, progress: bool = Tru
                              seed=settings.seed)
         result = train(model, spatial, train_set[:2], val_set[:2], config, workdir / f"stage{stage}", progress=progress)
         timings[f"stage{stage}_s"] = time.perf_counter() - stage_started
-        log(f"stage {stage}: best validation SRCC {result['best_srcc']:.3f} ({timings[f'stage{stage}_s']:.0f} s)")
+        best = result["history"][result["best_epoch"] - 1]
+        log(f"stage {stage}: best epoch {result['best_epoch']} of {epochs}, validation SRCC {best['val_srcc']:.3f}, "
+            f"RMSE {best['val_rmse']:.1f} ({timings[f'stage{stage}_s']:.0f} s)")
 
     checkpoint = workdir / "stage2" / "best"
     scorer = Scorer(FVQRater.from_pretrained(checkpoint), extractor, cache_dir=cache_dir)

@@ -143,8 +143,10 @@ def test_train_keeps_a_finished_run_and_says_when_stage_2_starts_from_scratch(de
     error = error_of(capsys, "train", "--data", str(demo_set), "--stage", "1", "--out", str(out))
     assert "--out" in error and "is not empty" in error and "--overwrite" in error
     assert main(["train", "--data", str(demo_set), "--stage", "2", "--out", str(tmp_path / "fresh"), "--epochs", "1",
-                 "--frames", "4"]) == 0
-    assert "without --init starts from scratch" in capsys.readouterr().err
+                 "--frames", "4", "--key-metric", "srcc"]) == 0
+    printed = capsys.readouterr()
+    assert "without --init starts from scratch" in printed.err
+    assert "best: epoch 1, validation SRCC" in printed.out
 
 
 def test_recipe_flags_belong_to_new_raters_and_convert_needs_a_recipe(checkpoint, demo_set, tmp_path, capsys):

@@ -39,12 +39,25 @@ def test_a_run_whose_validation_srcc_is_always_nan_still_writes_best(tmp_path, e
     assert best["epoch"] == 0 and FVQRater.from_pretrained(tmp_path / "best") is not None
 
 
+def test_the_default_key_metric_prefers_spread_scores_to_compressed_ones_of_the_same_ranking():
+    mos = [10.0, 30.0, 50.0, 70.0, 90.0]
+    spread, compressed = [15.0, 25.0, 55.0, 65.0, 95.0], [48.0, 49.0, 50.0, 51.0, 52.0]
+    key = {(scores, metric): training.validation_record(values, mos, metric)["val_key"]
+           for scores, values in (("spread", spread), ("compressed", compressed)) for metric in ("srcc", "srcc-rmse")}
+    assert key["spread", "srcc"] == pytest.approx(1.0) and key["compressed", "srcc"] == pytest.approx(1.0)
+    assert key["spread", "srcc-rmse"] > key["compressed", "srcc-rmse"]
+    with pytest.raises(ValueError, match="key_metric"):
+        TrainConfig(key_metric="plcc")
+
+
 def test_stages_write_best_and_last_checkpoints(tmp_path, extractor, data):
     model = tiny_rater(extractor)
     result = train(model, extractor.preparer.spatial, *data, TrainConfig(stage=1, epochs=2, lr=1e-3), tmp_path,
                    progress=False)
     assert [r["epoch"] for r in result["history"]] == [1, 2]
-    assert all({"loss", "lr", "val_srcc", "val_plcc", "seconds"} <= set(r) for r in result["history"])
+    assert all({"loss", "lr", "val_srcc", "val_plcc", "val_rmse", "val_key", "seconds"} <= set(r)
+               for r in result["history"])
+    assert result["best_epoch"] in (1, 2)
     assert result["history"][-1]["lr"] == pytest.approx(0.0, abs=1e-9)
     for name in ("best", "last"):
         recorded = FVQRater.from_pretrained(tmp_path / name).config.features
