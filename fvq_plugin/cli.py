@@ -409,7 +409,8 @@ def _train(args) -> int:
                          gradient_checkpointing=args.gradient_checkpointing, ce_weight=args.ce_weight,
                          key_metric=args.key_metric, seed=args.seed)
     result = train(model, extractor.preparer.spatial, train_set[:2], val_set[:2], config, args.out, resume=args.resume)
-    print(f"best: epoch {result['best_epoch']}, validation SRCC {result['best_srcc']:.4f}; "
+    best = result["best"]
+    print(f"best: epoch {best['epoch']}, validation SRCC {best['val_srcc']:.4f}; "
           f"checkpoints in {args.out}/best and {args.out}/last")
     return 0
 

@@ -102,8 +102,8 @@ def run_demo(workdir, settings: DemoSettings | None = None, progress: bool = Tru
                              seed=settings.seed)
         result = train(model, spatial, train_set[:2], val_set[:2], config, workdir / f"stage{stage}", progress=progress)
         timings[f"stage{stage}_s"] = time.perf_counter() - stage_started
-        best = result["history"][result["best_epoch"] - 1]
-        log(f"stage {stage}: best epoch {result['best_epoch']} of {epochs}, validation SRCC {best['val_srcc']:.3f}, "
+        best = result["best"]
+        log(f"stage {stage}: best epoch {best['epoch']} of {epochs}, validation SRCC {best['val_srcc']:.3f}, "
             f"RMSE {best['val_rmse']:.1f} ({timings[f'stage{stage}_s']:.0f} s)")
 
     checkpoint = workdir / "stage2" / "best"

@@ -113,7 +113,8 @@ def _loader(features, mos, spatial, batch_size, shuffle, seed=0):
 def train(model: FVQRater, spatial, train_set: tuple[list[dict], list[float]],
           val_set: tuple[list[dict], list[float]] | None, config: TrainConfig, output_dir,
           resume: bool = False, progress: bool = True) -> dict:
-    """Train `model` on (features, mos) pairs; returns the per-epoch history.
+    """Train `model` on (features, mos) pairs; returns the per-epoch history and `best`, the record of the epoch
+    best/ holds (None when no epoch ran).
 
     `spatial` is the SpatialFeatures that normalises cached frames into pixel values.
     """
@@ -186,9 +187,7 @@ def train(model: FVQRater, spatial, train_set: tuple[list[dict], list[float]],
             best_epoch = epoch + 1
         _checkpoint(accelerator, model, output_dir, epoch, history, best_epoch, improved)
     accelerator.wait_for_everyone()
-    return {"history": history, "best_epoch": best_epoch,
-            "best_srcc": history[best_epoch - 1].get("val_srcc", math.nan) if history else math.nan,
-            "output_dir": str(output_dir)}
+    return {"history": history, "best": history[best_epoch - 1] if history else None, "output_dir": str(output_dir)}
 
 
 def _beats(key: float, best: float) -> bool:
