@@ -13,7 +13,7 @@ def test_model_benchmark_prints_the_batch_ratio_and_saves_json(tmp_path, capsys)
 
 def test_features_benchmark_reports_decode_and_cache_ratios(tmp_path, capsys):
     out = tmp_path / "features.json"
-    assert main(["bench", "--stage", "features", "--videos", "2", "--image-size", "64", "--temporal", "kinetics",
+    assert main(["bench", "--stage", "features", "--videos", "1", "--image-size", "64", "--temporal", "kinetics",
                  "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "whole 300-frame clip" in printed and "cached / uncached" in printed
