@@ -43,6 +43,17 @@ def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
         return hashlib.file_digest(file, algorithm).hexdigest()
 
 
+def forkserver_context(*preload: str):
+    """multiprocessing's forkserver context, its server importing `preload` before it forks any worker: each
+    worker then starts with them loaded, where importing torch and pyiqa again would take seconds per worker.
+    The server is one per process, started at its first use: the first caller's modules are the ones it holds."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(preload))  # a module that fails to import is skipped
+    return context
+
+
 def video_flags(info: dict) -> list[str]:
     """What a score should be read with: the video was too short for the sampled frames (or is an
     image), no sampled frame showed a face (the face stream then carries the learned no-face token),

@@ -24,10 +24,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import LITE_WEIGHTS_ENV, file_digest, open_for_appending, write_atomically
+from .common import LITE_WEIGHTS_ENV, file_digest, forkserver_context, open_for_appending, write_atomically
 from .errors import InputError
 
 FVQ, LITE = "fvq_rater", "fvq_rater_lite"
+# What every metric's worker starts with, imported once by the server it is forked from (a few seconds per metric
+# otherwise); they count in each worker's peak memory.
+WORKER_PRELOAD = ("fvq_plugin.scoring", "pyiqa")
 RATERS = (FVQ, LITE)  # scored through their Scorer, from a checkpoint folder
 STATISTICS = ("srcc", "plcc", "krcc", "rmse")
 PREDICTIONS_DIR = "predictions"
@@ -195,11 +198,10 @@ def _outcome(score, path) -> tuple:
 
 def _in_worker(function, *args, **kwargs):
     """`function(*args, **kwargs)` in a fresh forkserver process (see the module docstring)."""
-    import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("forkserver")) as pool:
+    with ProcessPoolExecutor(max_workers=1, mp_context=forkserver_context(*WORKER_PRELOAD)) as pool:
         try:
             return pool.submit(function, *args, **kwargs).result()
         except BrokenProcessPool:

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .common import file_digest, open_for_appending, video_flags, write_atomically
+from .common import file_digest, forkserver_context, open_for_appending, video_flags, write_atomically
 from .errors import InputError
 from .video import VideoReadError, check_file
 
@@ -184,7 +184,6 @@ def _timed_batches(videos: _PreparedVideos, batch_size: int, workers: int, timeo
     """Like the DataLoader, but a video still being prepared after `timeout` seconds is recorded as
     failed: pebble stops that worker process (a decoder stuck in C code cannot be interrupted from
     Python) and starts another."""
-    import multiprocessing
     from concurrent.futures import TimeoutError as FutureTimeout
 
     from pebble import ProcessPool
@@ -198,7 +197,7 @@ def _timed_batches(videos: _PreparedVideos, batch_size: int, workers: int, timeo
             return Extracted(path, None, f"{type(error).__name__}: {error}")
 
     with ProcessPool(max_workers=workers, initializer=_start_timed_worker, initargs=(videos,),
-                     context=multiprocessing.get_context("forkserver")) as pool:
+                     context=forkserver_context(__name__)) as pool:
         prepared = _in_order(videos.paths, lambda index: pool.schedule(_prepare_in_worker, (index,), timeout=timeout),
                              outcome, window=max(2 * batch_size, 2 * workers))
         yield from _batched(prepared, batch_size)
@@ -250,11 +249,11 @@ def extract_features(paths, extractor: FeatureExtractor, cache_dir=None, batch_s
     elif threads:
         batches = _threaded_batches(videos, batch_size, threads)
     else:
-        # Workers start from a clean forkserver process: a plain fork of a parent that already ran
-        # OpenMP (torch, cv2) deadlocks in the child.
+        # Workers start from a forkserver process that has imported this module but run nothing: a plain
+        # fork of a parent that already ran OpenMP (torch, cv2) deadlocks in the child.
         batches = DataLoader(videos, batch_size=batch_size, num_workers=workers, collate_fn=list,
                              worker_init_fn=_one_thread_per_worker,
-                             multiprocessing_context="forkserver" if workers else None)
+                             multiprocessing_context=forkserver_context(__name__) if workers else None)
     with tqdm(total=len(paths), desc="features", unit="video", disable=not progress) as bar:
         for items in batches:
             finish_features(items, extractor, cache)
