@@ -355,6 +355,8 @@ def _train(args) -> int:
     from .tiny import tiny_rater
     from .train import TrainConfig, train
 
+    if args.epochs < 1 or args.batch_size < 1:
+        raise UsageError(f"--epochs {args.epochs} --batch-size {args.batch_size}: give at least 1 of each")
     for split in ("train", "val"):
         read_split(args.data, split)
     out = Path(args.out)

@@ -142,6 +142,9 @@ def test_train_keeps_a_finished_run_and_says_when_stage_2_starts_from_scratch(de
     (out / "notes.txt").write_text("mine")
     error = error_of(capsys, "train", "--data", str(demo_set), "--stage", "1", "--out", str(out))
     assert "--out" in error and "is not empty" in error and "--overwrite" in error
+    error = error_of(capsys, "train", "--data", str(demo_set), "--stage", "1", "--out", str(tmp_path / "none"),
+                     "--epochs", "0")
+    assert "--epochs 0 --batch-size 8: give at least 1 of each" in error  # no run, so no best epoch to print
     assert main(["train", "--data", str(demo_set), "--stage", "2", "--out", str(tmp_path / "fresh"), "--epochs", "1",
                  "--frames", "4", "--key-metric", "srcc"]) == 0
     printed = capsys.readouterr()
