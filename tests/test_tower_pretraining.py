@@ -14,8 +14,8 @@ from fvq_plugin.features import FeatureConfig, FeatureExtractor
 from fvq_plugin.features.spatial import SpatialFeatures
 from fvq_plugin.model import FVQRater
 from fvq_plugin.tiny import tiny_rater
-from fvq_plugin.tower_pretraining import (DEGRADATIONS, TOWER_FILE, TowerPretraining, degraded_crops, main,
-                                          pretrain_tower, tiny_tower)
+from fvq_plugin.tower_pretraining import (CROP_SIZE, DEGRADATIONS, TOWER_FILE, TowerPretraining, degraded_crops,
+                                          main, pretrain_tower, tiny_tower)
 
 from conftest import TINY_FEATURES
 
@@ -30,7 +30,7 @@ def demo_sized_extractor():
 def test_degraded_crops_are_reproducible_and_each_degradation_is_off_in_about_half_of_them():
     crops, severities = degraded_crops(40, seed=3)
     again, same = degraded_crops(40, seed=3)
-    assert crops.dtype == np.uint8 and crops.shape == (40, 160, 160, 3) and severities.shape == (40, len(DEGRADATIONS))
+    assert crops.dtype == np.uint8 and crops.shape == (40, CROP_SIZE, CROP_SIZE, 3) and severities.shape == (40, len(DEGRADATIONS))
     assert np.array_equal(crops, again) and np.array_equal(severities, same)
     assert ((severities >= 0) & (severities <= 1)).all()
     assert 0.25 < (severities == 0).mean() < 0.75
