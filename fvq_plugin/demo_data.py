@@ -76,7 +76,7 @@ DEFAULT_VIDEOS = 400
 DEFAULT_FRAMES = 48
 # 128 px, not 160: crops are never upscaled, and the faces of insightface's group photo are only 159-186 px tall,
 # so at 160 px they were shown near the photo's own scale, with its softness and JPEG marks, which the MOS does not
-# count. At 128 px every crop of them is downscaled 1.24x or more (README: the test SRCC it gained).
+# count. At 128 px every crop of them is downscaled 1.24x or more (README: what that changed).
 DEFAULT_SIZE = 128
 FPS = 24.0
 
