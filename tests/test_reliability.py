@@ -23,8 +23,9 @@ pytestmark = pytest.mark.reliability
 # SRCC on identities the tiny rater never saw, trained as below (from the demo's pretrained vision tower),
 # measured on demo seeds 0-4 (the suite uses 0): 0.59, 0.55, 0.62, 0.54, 0.56 with the tower pretrained on 160-px
 # crops; with today's, pretrained on 128-px crops, and the demo's lower bit rates, seed 0 gives 0.61 (seeds 1-4 not
-# measured again); with a random tower it was 0.67, 0.30, 0.51, 0.43, 0.43. By chance (48 videos) SRCC exceeds 0.40 with probability 0.003; a rater whose
-# output is constant has no SRCC at all (NaN), and an untrained one outputs a constant.
+# measured again); with a random tower it was 0.67, 0.30, 0.51, 0.43, 0.43. By chance (48 videos) SRCC exceeds
+# 0.40 with probability 0.003; a rater whose output is constant has no SRCC at all (NaN), and an untrained one
+# outputs a constant.
 LEARNED_SRCC = 0.40
 
 

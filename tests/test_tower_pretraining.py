@@ -30,7 +30,8 @@ def demo_sized_extractor():
 def test_degraded_crops_are_reproducible_and_each_degradation_is_off_in_about_half_of_them():
     crops, severities = degraded_crops(40, seed=3)
     again, same = degraded_crops(40, seed=3)
-    assert crops.dtype == np.uint8 and crops.shape == (40, CROP_SIZE, CROP_SIZE, 3) and severities.shape == (40, len(DEGRADATIONS))
+    assert crops.dtype == np.uint8 and crops.shape == (40, CROP_SIZE, CROP_SIZE, 3)
+    assert severities.shape == (40, len(DEGRADATIONS))
     assert np.array_equal(crops, again) and np.array_equal(severities, same)
     assert ((severities >= 0) & (severities <= 1)).all()
     assert 0.25 < (severities == 0).mean() < 0.75
